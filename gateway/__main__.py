@@ -1,0 +1,38 @@
+"""`sse-gateway` / `python -m gateway`: load the configuration, then serve on uvloop."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from .config import load, parse_args
+from .errors import ConfigError
+from .server import raise_fd_limit, serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load(args)
+    except ConfigError as exc:
+        print("sse-gateway: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(config)
+        return 0
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    raise_fd_limit()
+    uvloop.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

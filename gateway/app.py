@@ -1,0 +1,147 @@
+"""The composition root: builds the hub, the upstream client and the handlers.
+
+`make_app(config)` returns an aiohttp application that serves every configured
+route, `/healthz`, `/readyz`, `/metrics` and (with the demo on) the demo page
+at `/`. It is the only module that knows both HTTP and how the pieces fit;
+the hub sees upstreams only through the `UpstreamFactory` it is handed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import policy, stream
+from .config import GatewayConfig
+from .errors import GatewayError, MethodNotAllowed, Unavailable
+from .heartbeat import HeartbeatWheel
+from .hub import Hub, UpstreamFactory
+from .metrics import Metrics
+from .route import RouteTable
+from .timing import Clock, MonotonicClock
+from .upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Readiness: true while the gateway takes new streams; false once draining starts."""
+
+    ready: bool = True
+
+
+CONFIG = web.AppKey("config", GatewayConfig)
+METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+HUB = web.AppKey("hub", Hub)
+WHEEL = web.AppKey("wheel", HeartbeatWheel)
+ROUTES = web.AppKey("routes", RouteTable)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place a GatewayError becomes a response: status, short body, counted."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        request.app[METRICS].requests_rejected.labels(exc.reason).inc()
+        log.info(
+            "rejected %s %s: %d %s", request.method, request.path_qs[:200], exc.status, exc.message
+        )
+        return web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
+
+
+def make_app(
+    config: GatewayConfig,
+    *,
+    metrics: Metrics | None = None,
+    clock: Clock | None = None,
+    upstream_factory: UpstreamFactory | None = None,
+) -> web.Application:
+    """Wire the gateway. `metrics`, `clock` and `upstream_factory` are seams for tests."""
+    metrics = metrics or Metrics()
+    clock = clock or MonotonicClock()
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[LIFECYCLE] = Lifecycle()
+    app[ROUTES] = RouteTable(config.routes)
+    app[WHEEL] = HeartbeatWheel(
+        clock, HeartbeatWheel.tick_for([r.heartbeat_seconds for r in config.routes])
+    )
+
+    async def hub_context(app: web.Application) -> AsyncIterator[None]:
+        session = None
+        factory = upstream_factory
+        if factory is None:
+            # No connection cap: each topic holds exactly one long-lived connection.
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+            session = aiohttp.ClientSession(connector=connector, trust_env=False)
+            factory = UpstreamClient(session, metrics, clock)
+        app[HUB] = Hub(factory, clock, metrics)
+        yield
+        await app[HUB].close()
+        app[WHEEL].close()
+        if session is not None:
+            await session.close()
+
+    async def on_shutdown(app: web.Application) -> None:
+        # aiohttp has stopped accepting; end every stream so handlers return.
+        app[LIFECYCLE].ready = False
+        await app[HUB].close()
+
+    app.cleanup_ctx.append(hub_context)
+    app.on_shutdown.append(on_shutdown)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    if config.metrics.enabled:
+        app.router.add_get(config.metrics.path, metrics_handler)
+    if config.demo.enabled:
+        app.router.add_get("/", demo_page)
+    app.router.add_route("*", "/{tail:.*}", stream_handler)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].ready:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="draining\n")
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def demo_page(request: web.Request) -> web.Response:
+    page = resources.files("gateway").joinpath("static/index.html").read_bytes()
+    return web.Response(body=page, content_type="text/html", charset="utf-8")
+
+
+async def stream_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    if request.method not in ("GET", "OPTIONS"):
+        raise MethodNotAllowed("only GET streams", headers={"Allow": "GET, OPTIONS"})
+    target = app[ROUTES].resolve(request.raw_path, request.query.items())
+    origin = request.headers.get("Origin")
+    if request.method == "OPTIONS":
+        headers = policy.preflight_headers(target.route.cors_origins, origin)
+        return web.Response(status=204, headers=headers)
+    cors = policy.cors_headers(target.route.cors_origins, origin)
+    if not app[LIFECYCLE].ready:
+        raise Unavailable("shutting down", headers={"Retry-After": "1"})
+    return await stream.serve(request, target, app[HUB], app[WHEEL], cors)

@@ -1,0 +1,538 @@
+"""Configuration: the one place that reads files, the environment and the command line.
+
+`load()` merges, lowest precedence first: the built-in defaults, a TOML file
+(or the embedded demo configuration when no file and no quick-start route is
+given), `SSE_GATEWAY_*` environment variables, then CLI flags. It returns
+frozen, validated objects; every other module receives these and reads
+nothing itself. Every problem found is collected into one `ConfigError`,
+each line naming the key (`routes[0].heartbeat_seconds: ...`), so an operator
+fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_PARAM_PATTERN = r"[A-Za-z0-9._~-]+"
+ENV_PREFIX = "SSE_GATEWAY_"
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHeader:
+    """A header added to every upstream request; `value` is hidden from repr when secret."""
+
+    name: str
+    value: str = field(repr=False)
+    secret: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    path: str
+    upstream: str
+    params: tuple[tuple[str, str], ...]
+    query: tuple[str, ...]
+    upstream_headers: tuple[UpstreamHeader, ...]
+    heartbeat_seconds: float
+    retry_ms: int
+    linger_seconds: float
+    max_unsent_bytes: int
+    max_line_bytes: int
+    max_event_bytes: int
+    upstream_connect_timeout_seconds: float
+    upstream_idle_timeout_seconds: float
+    reconnect_initial_seconds: float
+    reconnect_max_seconds: float
+    cors_origins: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: Listen
+    shutdown_timeout_seconds: float
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    enabled: bool
+    listen: Listen
+    interval_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    server: ServerConfig
+    metrics: MetricsConfig
+    demo: DemoConfig
+    routes: tuple[RouteConfig, ...]
+
+
+# --- the reader -------------------------------------------------------------
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class _Table:
+    """Typed access to one TOML table that records problems instead of raising."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, problems: list[str]) -> None:
+        self.data = data
+        self.where = where
+        self.problems = problems
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.key(name)}: {message}")
+
+    def get(
+        self, name: str, kind: type[T], default: T, check: Callable[[T], str | None] | None = None
+    ) -> T:
+        self.used.add(name)
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING:
+            return default
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.problem(name, f"expected {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r}")
+            return default
+        if check is not None and (message := check(value)) is not None:
+            self.problem(name, message)
+            return default
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, _MISSING)
+        if value is _MISSING:
+            return default
+        if not all(isinstance(item, str) for item in value):
+            self.problem(name, "expected a list of strings")
+            return default
+        return tuple(value)
+
+    def table(self, name: str) -> _Table:
+        value = self.get(name, dict, {})
+        return _Table(value, self.key(name), self.problems)
+
+    def finish(self) -> None:
+        for name in sorted(set(self.data) - self.used):
+            self.problem(name, "unknown key")
+
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 and math.isfinite(value) else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 and math.isfinite(value) else "must be 0 or greater"
+
+
+def _listen(value: str) -> str | None:
+    return None if _parse_listen(value) is not None else "expected HOST:PORT, e.g. 127.0.0.1:8080"
+
+
+def _parse_listen(value: str) -> Listen | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return Listen(host or "0.0.0.0", int(port))  # noqa: S104 - an empty host means all, as in nginx
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Route options: settable under [defaults] and per route. Each default's "why"
+# is in the README's table of defaults, which must be kept in step with this.
+_ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None], ...] = (
+    ("heartbeat_seconds", float, 15.0, _non_negative),
+    ("retry_ms", int, 3000, _non_negative),
+    ("linger_seconds", float, 5.0, _non_negative),
+    ("max_unsent_bytes", int, 1024 * 1024, _positive),
+    ("max_line_bytes", int, 64 * 1024, _positive),
+    ("max_event_bytes", int, 1024 * 1024, _positive),
+    ("upstream_connect_timeout_seconds", float, 10.0, _positive),
+    ("upstream_idle_timeout_seconds", float, 120.0, _non_negative),
+    ("reconnect_initial_seconds", float, 0.5, _positive),
+    ("reconnect_max_seconds", float, 30.0, _positive),
+)
+
+
+def _read_route_options(table: _Table, base: Mapping[str, Any]) -> dict[str, Any]:
+    options = {
+        name: table.get(name, kind, base[name], check) for name, kind, _, check in _ROUTE_OPTIONS
+    }
+    options["cors_origins"] = table.strings("cors_origins", base["cors_origins"])
+    for origin in options["cors_origins"]:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            table.problem(
+                "cors_origins", f"{origin!r} is not an origin like https://app.example.com or *"
+            )
+    return options
+
+
+def _read_headers(table: _Table, environ: Mapping[str, str]) -> tuple[UpstreamHeader, ...]:
+    headers = []
+    for name in table.data:
+        table.used.add(name)
+        value = table.data[name]
+        if not _HEADER_NAME.fullmatch(name):
+            table.problem(name, "not a valid header name")
+        elif isinstance(value, str):
+            headers.append(UpstreamHeader(name, value))
+        elif (
+            isinstance(value, dict)
+            and set(value) <= {"env", "prefix"}
+            and isinstance(value.get("env"), str)
+        ):
+            prefix = value.get("prefix", "")
+            if value["env"] not in environ:
+                table.problem(name, f"environment variable {value['env']} is not set")
+            elif not isinstance(prefix, str):
+                table.problem(name, "prefix must be a string")
+            else:
+                headers.append(UpstreamHeader(name, prefix + environ[value["env"]], secret=True))
+        else:
+            table.problem(name, 'expected a string or { env = "VAR", prefix = "..." }')
+    return tuple(headers)
+
+
+def _read_route(
+    table: _Table, index: int, defaults: Mapping[str, Any], environ: Mapping[str, str]
+) -> RouteConfig | None:
+    before = len(table.problems)
+    name = table.get(
+        "name",
+        str,
+        f"route{index}",
+        lambda v: None if _ROUTE_NAME.fullmatch(v) else "use letters, digits, - and _",
+    )
+    path = table.get("path", str, _MISSING)
+    upstream = table.get("upstream", str, _MISSING)
+    if path is _MISSING:
+        table.problem("path", 'is required, e.g. "/events/{topic}"')
+    if upstream is _MISSING:
+        table.problem("upstream", 'is required, e.g. "http://127.0.0.1:9000/stream/{topic}"')
+    patterns = table.table("params")
+    query = table.strings("query", ())
+    headers = _read_headers(table.table("upstream_headers"), environ)
+    options = _read_route_options(table, defaults)
+    table.finish()
+    if path is _MISSING or upstream is _MISSING:
+        return None
+
+    path_params = _check_path_template(table, path)
+    upstream_params = _check_upstream_template(table, upstream)
+    params = []
+    for param in path_params:
+        patterns.used.add(param)
+        pattern = patterns.data.get(param, DEFAULT_PARAM_PATTERN)
+        if not isinstance(pattern, str):
+            patterns.problem(param, "expected a regular expression string")
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            patterns.problem(param, f"invalid regular expression: {exc}")
+        params.append((param, pattern))
+    patterns.finish()
+    for param in sorted(set(path_params) - set(upstream_params)):
+        table.problem("path", f"parameter {{{param}}} is not used in upstream")
+    for param in sorted(set(upstream_params) - set(path_params)):
+        table.problem("upstream", f"parameter {{{param}}} does not appear in path")
+    for q in query:
+        if not q or not _HEADER_NAME.fullmatch(q):
+            table.problem("query", f"{q!r} is not a plain parameter name")
+    if options["reconnect_max_seconds"] < options["reconnect_initial_seconds"]:
+        table.problem("reconnect_max_seconds", "must not be less than reconnect_initial_seconds")
+    if len(table.problems) > before:
+        return None
+    return RouteConfig(
+        name=name,
+        path=path,
+        upstream=upstream,
+        params=tuple(params),
+        query=query,
+        upstream_headers=headers,
+        **options,
+    )
+
+
+def _check_path_template(table: _Table, path: str) -> list[str]:
+    """Parameters may only be whole segments: `/events/{topic}`, never `/e-{x}`."""
+    if not path.startswith("/"):
+        table.problem("path", "must start with /")
+        return []
+    names = []
+    for segment in path.split("/")[1:]:
+        found = _PLACEHOLDER.findall(segment)
+        if found and not _PLACEHOLDER.fullmatch(segment):
+            table.problem("path", f"parameter must be a whole path segment: {segment!r}")
+        elif not found and ("{" in segment or "}" in segment):
+            table.problem("path", f"malformed parameter in {segment!r}")
+        names.extend(found)
+    if len(names) != len(set(names)):
+        table.problem("path", "a parameter appears twice")
+    return names
+
+
+def _check_upstream_template(table: _Table, upstream: str) -> list[str]:
+    """Scheme, host and port are fixed by configuration: placeholders only in the path."""
+    parts = urlsplit(_PLACEHOLDER.sub("x", upstream))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        table.problem("upstream", "must be an absolute http:// or https:// URL")
+        return []
+    if parts.username or parts.password:
+        table.problem("upstream", "credentials in the URL are not allowed; use upstream_headers")
+    after_scheme = upstream.find("://") + 3
+    slash = upstream.find("/", after_scheme)
+    scheme_host = upstream if slash < 0 else upstream[:slash]
+    if _PLACEHOLDER.search(scheme_host) or parts.query or parts.fragment:
+        table.problem("upstream", "parameters may appear only in the path; no query or fragment")
+    path = upstream[len(scheme_host) :]
+    names = []
+    for segment in path.split("/"):
+        found = _PLACEHOLDER.findall(segment)
+        if found and not _PLACEHOLDER.fullmatch(segment):
+            table.problem("upstream", f"parameter must be a whole path segment: {segment!r}")
+        names.extend(found)
+    return names
+
+
+def _build(doc: Mapping[str, Any], environ: Mapping[str, str]) -> GatewayConfig:
+    problems: list[str] = []
+    root = _Table(doc, "", problems)
+
+    server = root.table("server")
+    listen = server.get("listen", str, "127.0.0.1:8080", _listen)
+    server_config = ServerConfig(
+        listen=_parse_listen(listen) or Listen("127.0.0.1", 8080),
+        shutdown_timeout_seconds=server.get("shutdown_timeout_seconds", float, 10.0, _non_negative),
+        log_level=server.get(
+            "log_level",
+            str,
+            "info",
+            lambda v: None if v in _LOG_LEVELS else f"one of {', '.join(_LOG_LEVELS)}",
+        ),
+    )
+    server.finish()
+
+    metrics = root.table("metrics")
+    metrics_config = MetricsConfig(
+        enabled=metrics.get("enabled", bool, True),
+        path=metrics.get(
+            "path", str, "/metrics", lambda v: None if v.startswith("/") else "must start with /"
+        ),
+    )
+    metrics.finish()
+
+    demo = root.table("demo")
+    demo_listen = demo.get("listen", str, "127.0.0.1:8081", _listen)
+    demo_config = DemoConfig(
+        enabled=demo.get("enabled", bool, False),
+        listen=_parse_listen(demo_listen) or Listen("127.0.0.1", 8081),
+        interval_seconds=demo.get("interval_seconds", float, 1.0, _positive),
+    )
+    demo.finish()
+
+    base = {name: default for name, _, default, _ in _ROUTE_OPTIONS} | {"cors_origins": ()}
+    defaults_table = root.table("defaults")
+    defaults = _read_route_options(defaults_table, base)
+    defaults_table.finish()
+
+    routes = []
+    raw_routes = root.get("routes", list, [])
+    for index, raw in enumerate(raw_routes):
+        where = f"routes[{index}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a table ([[routes]])")
+            continue
+        route = _read_route(_Table(raw, where, problems), index, defaults, environ)
+        if route is not None:
+            routes.append(route)
+    root.finish()
+
+    seen_names: set[str] = set()
+    seen_paths: set[str] = set()
+    for index, route in enumerate(routes):
+        if route.name in seen_names:
+            problems.append(f"routes[{index}].name: {route.name!r} is used by another route")
+        shape = _PLACEHOLDER.sub("{}", route.path)
+        if shape in seen_paths:
+            problems.append(f"routes[{index}].path: {route.path!r} overlaps another route")
+        seen_names.add(route.name)
+        seen_paths.add(shape)
+    reserved = {"/healthz", "/readyz", metrics_config.path, "/"}
+    for index, route in enumerate(routes):
+        if route.path in reserved:
+            problems.append(f"routes[{index}].path: {route.path!r} is reserved by the gateway")
+    if not raw_routes and not problems:
+        problems.append("routes: at least one [[routes]] entry is required")
+    if problems:
+        raise ConfigError(problems)
+    return GatewayConfig(server_config, metrics_config, demo_config, tuple(routes))
+
+
+# --- sources ----------------------------------------------------------------
+
+
+def default_document() -> dict[str, Any]:
+    """The embedded configuration: the demo backend behind one route."""
+    text = resources.files("gateway").joinpath("default.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def _env_overrides(doc: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
+    """`SSE_GATEWAY_SERVER_LISTEN=0.0.0.0:8080` sets `[server] listen`.
+
+    Values are read as TOML values (`15`, `true`, `"text"`); anything that is
+    not valid TOML is taken as a plain string, so `0.0.0.0:8080` needs no quotes.
+    """
+    sections = ("server", "metrics", "demo", "defaults")
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            problems.append(
+                f"{var}: unknown setting (expected {ENV_PREFIX}<SECTION>_<KEY>, "
+                f"SECTION one of {', '.join(sections)})"
+            )
+            continue
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        doc.setdefault(section, {})[rest[len(section) + 1 :]] = value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sse-gateway",
+        description="A reverse-proxy gateway for Server-Sent Events. With no options it runs "
+        "the embedded demo configuration.",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML configuration file (env: SSE_GATEWAY_CONFIG)"
+    )
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    parser.add_argument(
+        "--path", metavar="TEMPLATE", help="quick start: downstream path, e.g. '/events/{topic}'"
+    )
+    parser.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="quick start: upstream URL, e.g. 'http://127.0.0.1:9000/stream/{topic}'",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        metavar="SECONDS",
+        type=float,
+        help="heartbeat interval for every route (0 = off)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        metavar="ORIGIN",
+        action="append",
+        help="allowed origin (repeatable; * for any, without credentials)",
+    )
+    parser.add_argument("--log-level", choices=_LOG_LEVELS)
+    parser.add_argument(
+        "--check", action="store_true", help="validate the configuration, print it and exit"
+    )
+    return parser.parse_args(argv)
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Build the configuration from all sources; raise ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    path = args.config or environ.get(ENV_PREFIX + "CONFIG")
+    if (args.path is None) != (args.upstream is None):
+        problems.append("--path and --upstream go together: give both for a quick-start route")
+
+    doc: dict[str, Any]
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
+    elif args.path is not None:
+        doc = {}
+    else:
+        doc = default_document()
+
+    _env_overrides(doc, environ, problems)
+    if args.path is not None and args.upstream is not None:
+        doc["routes"] = [{"name": "default", "path": args.path, "upstream": args.upstream}]
+        if not path:
+            doc.setdefault("demo", {})["enabled"] = False
+    if args.listen is not None:
+        doc.setdefault("server", {})["listen"] = args.listen
+    if args.heartbeat is not None:
+        doc.setdefault("defaults", {})["heartbeat_seconds"] = args.heartbeat
+        for route in doc.get("routes", []):
+            if isinstance(route, dict):
+                route.pop("heartbeat_seconds", None)
+    if args.cors_origin:
+        doc.setdefault("defaults", {})["cors_origins"] = list(args.cors_origin)
+        for route in doc.get("routes", []):
+            if isinstance(route, dict):
+                route.pop("cors_origins", None)
+    if args.log_level is not None:
+        doc.setdefault("server", {})["log_level"] = args.log_level
+    try:
+        config = _build(doc, environ)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config

@@ -1,0 +1,62 @@
+"""The gateway's error tree.
+
+Every error a request can end in is a `GatewayError` subclass that carries the
+HTTP status it maps to, so one middleware turns them into responses and no
+handler builds an error response by hand. Messages are short and safe to show
+to a client: they never contain secrets or upstream details.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error that ends a request with an HTTP status."""
+
+    status: int = 500
+    reason: str = "error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class BadRequest(GatewayError):
+    """The request is malformed: a path parameter or query value failed validation."""
+
+    status = 400
+    reason = "bad_request"
+
+
+class Forbidden(GatewayError):
+    """The request is well-formed but not allowed (for example an origin not on the list)."""
+
+    status = 403
+    reason = "forbidden"
+
+
+class NotFound(GatewayError):
+    """No route matches the request path."""
+
+    status = 404
+    reason = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    reason = "method_not_allowed"
+
+
+class Unavailable(GatewayError):
+    """The gateway cannot take the request now (shutting down, over a limit)."""
+
+    status = 503
+    reason = "unavailable"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; lists every problem found, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))

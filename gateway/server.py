@@ -1,0 +1,96 @@
+"""The process: listeners, signals and graceful shutdown.
+
+Shutdown order on SIGTERM or SIGINT: `/readyz` turns 503, the listener stops
+accepting, every stream is ended cleanly (the chunked stream is terminated,
+so clients see a normal end and reconnect elsewhere), upstreams are closed,
+and anything still running after `shutdown_timeout_seconds` is cancelled. A
+second signal while draining exits at once, as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+
+from aiohttp import web
+
+from .app import LIFECYCLE, make_app
+from .config import GatewayConfig, Listen
+from .demo import make_demo_app
+
+log = logging.getLogger(__name__)
+
+# Kernel cap on the accept queue is net.core.somaxconn (4096 on current
+# kernels); ask for that so a reconnect wave after a deploy is queued, not refused.
+ACCEPT_BACKLOG = 4096
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard limit: one fd per subscriber."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
+            return soft
+        log.info("raised the open-files limit from %d to %d", soft, hard)
+        return hard
+    return soft
+
+
+async def _start(app: web.Application, listen: Listen, shutdown_timeout: float) -> web.AppRunner:
+    # handler_cancellation: a stream handler must learn at once that its client left.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port, backlog=ACCEPT_BACKLOG, reuse_address=True)
+    await site.start()
+    return runner
+
+
+async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set or a SIGTERM/SIGINT arrives, then shut down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    timeout = config.server.shutdown_timeout_seconds
+    demo_runner = None
+    if config.demo.enabled:
+        demo_app = make_demo_app(interval_seconds=config.demo.interval_seconds)
+        demo_runner = await _start(demo_app, config.demo.listen, timeout)
+        log.info("demo backend on http://%s", config.demo.listen)
+    app = make_app(config)
+    runner = await _start(app, config.server.listen, timeout)
+    log.info(
+        "sse-gateway listening on http://%s (%d routes)", config.server.listen, len(config.routes)
+    )
+    if config.demo.enabled:
+        log.info("open http://%s/ to watch the demo topics", config.server.listen)
+    try:
+        await stop.wait()
+    finally:
+        app[LIFECYCLE].ready = False
+        await runner.cleanup()
+        if demo_runner is not None:
+            await demo_runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        log.info("stopped")

@@ -1,0 +1,175 @@
+"""The downstream response: SSE headers, the preamble, direct writes, heartbeats, close.
+
+A `Downstream` is the hub's `Subscriber` and the wheel's `Beatable`. After
+aiohttp has sent the headers and the preamble (through `resp.write`, which
+flushes them together at once), every later write goes straight to the
+socket's transport with bytes the hub framed once for all subscribers: no
+task wakes per event, and nothing waits on a slow client. A client whose
+unsent bytes pass `max_unsent_bytes` is aborted (it reconnects with
+Last-Event-ID), which bounds memory per subscriber.
+
+The handler task per subscriber only waits for the stream to end: closed by
+the hub, cut off as slow, or cancelled by aiohttp when the client goes away
+(the server runs with `handler_cancellation=True`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from .errors import Unavailable
+from .heartbeat import HeartbeatWheel
+from .hub import Framing, Hub, Topic
+from .metrics import RouteMetrics
+from .route import Target
+from .sse import encode_comment, encode_retry
+from .timing import Clock
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = encode_comment("heartbeat")
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    # no-transform: intermediaries must not compress or rewrite the stream.
+    "Cache-Control": "no-cache, no-transform",
+    # nginx (and proxies that copy it) would otherwise buffer the response.
+    "X-Accel-Buffering": "no",
+}
+
+
+def identity(raw: bytes) -> bytes:
+    return raw
+
+
+def chunked(raw: bytes) -> bytes:
+    """HTTP/1.1 chunked transfer coding of one piece; applied once per batch, shared."""
+    return b"%x\r\n%b\r\n" % (len(raw), raw)
+
+
+class Downstream:
+    """One subscriber's socket."""
+
+    __slots__ = (
+        "_clock",
+        "_heartbeat",
+        "_limit",
+        "_metrics",
+        "_transport",
+        "closed",
+        "framing",
+        "heartbeat_seconds",
+        "last_write",
+        "outcome",
+        "topics",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        framing: Framing,
+        *,
+        max_unsent_bytes: int,
+        heartbeat_seconds: float,
+        clock: Clock,
+        metrics: RouteMetrics,
+    ) -> None:
+        self._transport = transport
+        self._limit = max_unsent_bytes
+        self._clock = clock
+        self._metrics = metrics
+        self._heartbeat = framing(HEARTBEAT)
+        self.framing = framing
+        self.heartbeat_seconds = heartbeat_seconds
+        self.topics: list[Topic] = []
+        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.outcome: str | None = None
+        self.last_write = clock.now()
+
+    def send(self, data: bytes) -> bool:
+        if self.outcome is not None:
+            return False
+        transport = self._transport
+        if transport.is_closing():
+            self.close("gone")
+            return False
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._limit:
+            self.close("slow")
+            return False
+        return True
+
+    def heartbeat(self) -> bool:
+        if not self.send(self._heartbeat):
+            return False
+        self.last_write = self._clock.now()
+        self._metrics.heartbeats.inc()
+        self._metrics.bytes_written.inc(len(self._heartbeat))
+        return True
+
+    def last_activity(self) -> float:
+        last = self.last_write
+        for topic in self.topics:
+            if topic.last_publish > last:
+                last = topic.last_publish
+        return last
+
+    def close(self, outcome: str) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        if outcome == "slow":
+            # Drop what is queued: keeping it would keep the memory the limit exists to bound.
+            self._transport.abort()
+        if not self.closed.done():
+            self.closed.set_result(outcome)
+
+
+async def serve(
+    request: web.Request,
+    target: Target,
+    hub: Hub,
+    wheel: HeartbeatWheel,
+    extra_headers: dict[str, str],
+) -> web.StreamResponse:
+    """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
+    if hub.closing:
+        raise Unavailable("shutting down", headers={"Retry-After": "1"})
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away before the stream started")
+    route = target.route
+    metrics = hub.metrics.route(route.name)
+    resp = web.StreamResponse(status=200, headers=SSE_HEADERS | extra_headers)
+    # One stream per connection: a closed stream means the connection is done
+    # (and shutdown must not leave idle keep-alive connections behind).
+    resp.force_close()
+    await resp.prepare(request)
+    preamble = encode_retry(route.retry_ms) if route.retry_ms else encode_comment("ok")
+    # Through aiohttp so the buffered headers and the preamble leave in one write, now.
+    await resp.write(preamble)
+    framing = chunked if resp.chunked else identity
+    downstream = Downstream(
+        transport,
+        framing,
+        max_unsent_bytes=route.max_unsent_bytes,
+        heartbeat_seconds=route.heartbeat_seconds,
+        clock=hub.clock,
+        metrics=metrics,
+    )
+    metrics.bytes_written.inc(len(preamble))
+    # No await between here and subscribe: the stream starts at an event boundary.
+    topic = hub.subscribe(target, downstream)
+    wheel.add(downstream)
+    metrics.opened.inc()
+    outcome = "gone"
+    try:
+        outcome = await downstream.closed
+    finally:
+        downstream.close(outcome)
+        wheel.discard(downstream)
+        hub.unsubscribe(topic, downstream)
+        metrics.closed[outcome].inc()
+    return resp

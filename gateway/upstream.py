@@ -1,0 +1,146 @@
+"""The upstream side: one long-lived GET per topic, parsed as bytes arrive.
+
+`UpstreamClient` is the hub's upstream factory. For each topic it connects,
+checks the response (2xx and `text/event-stream`, else a logged reason),
+feeds every chunk to a fresh `sse.Parser` as soon as it arrives and publishes
+the events of that read as one batch. When the stream ends or fails it
+reconnects after a jittered exponential backoff, never sooner than the
+upstream's `retry:`, and resumes with `Last-Event-ID`. Failures stay inside
+the topic's own task: nothing here raises into the hub except cancellation.
+
+Choices that matter for streams:
+- `ClientTimeout(total=None)`: aiohttp's default 5-minute total would cut
+  every healthy stream; an idle timeout (`sock_read`) catches a stalled
+  upstream instead.
+- `Accept-Encoding: identity`: a compressing upstream buffers to fill
+  compression blocks, which delays events.
+- No redirects: the upstream's location comes from configuration only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import aiohttp
+
+from .hub import UpstreamSink
+from .metrics import Metrics, RouteMetrics
+from .route import Target
+from .sse import Parser
+from .timing import Backoff, Clock
+
+log = logging.getLogger(__name__)
+
+_BASE_HEADERS = {
+    "Accept": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "Accept-Encoding": "identity",
+}
+
+
+class _Failed(Exception):
+    """One attempt ended; `reason` is a metrics label, `detail` goes to the log."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._session = session
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    async def __call__(self, target: Target, sink: UpstreamSink) -> None:
+        route = target.route
+        metrics = self._metrics.route(route.name)
+        backoff = Backoff(
+            route.reconnect_initial_seconds, route.reconnect_max_seconds, rng=self._rng
+        )
+        headers = dict(_BASE_HEADERS)
+        headers.update((h.name, h.value) for h in route.upstream_headers)
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=route.upstream_connect_timeout_seconds,
+            sock_read=route.upstream_idle_timeout_seconds or None,
+        )
+        last_event_id = ""
+        retry_ms: int | None = None
+        while True:
+            parser = Parser(
+                max_line_bytes=route.max_line_bytes, max_event_bytes=route.max_event_bytes
+            )
+            if last_event_id:
+                headers["Last-Event-ID"] = last_event_id
+            try:
+                await self._stream(target, sink, metrics, parser, headers, timeout, backoff)
+                reason, detail = "eof", "upstream closed the stream"
+            except _Failed as failure:
+                reason, detail = failure.reason, failure.detail
+            finally:
+                sink.set_connected(False)
+                last_event_id = parser.last_event_id or last_event_id
+                retry_ms = parser.retry_ms if parser.retry_ms is not None else retry_ms
+            metrics.upstream_failures[reason].inc()
+            delay = backoff.next_delay((retry_ms or 0) / 1000)
+            log.warning(
+                "upstream %s for route %s: %s; reconnecting in %.2fs",
+                target.upstream_url,
+                route.name,
+                detail,
+                delay,
+            )
+            await self._clock.sleep(delay)
+
+    async def _stream(
+        self,
+        target: Target,
+        sink: UpstreamSink,
+        metrics: RouteMetrics,
+        parser: Parser,
+        headers: dict[str, str],
+        client_timeout: aiohttp.ClientTimeout,
+        backoff: Backoff,
+    ) -> None:
+        connected = False
+        try:
+            async with self._session.get(
+                target.upstream_url, headers=headers, timeout=client_timeout, allow_redirects=False
+            ) as resp:
+                if not 200 <= resp.status < 300 or resp.status == 204:
+                    raise _Failed("status", f"HTTP status {resp.status}")
+                if resp.content_type != "text/event-stream":
+                    raise _Failed("content_type", f"content type {resp.content_type!r}")
+                connected = True
+                metrics.upstream_connects.inc()
+                sink.set_connected(True)
+                log.info(
+                    "upstream %s connected for route %s", target.upstream_url, target.route.name
+                )
+                oversize = 0
+                async for chunk in resp.content.iter_any():
+                    events = parser.feed(chunk)
+                    if parser.oversize_events != oversize:
+                        sink.dropped("oversize", parser.oversize_events - oversize)
+                        oversize = parser.oversize_events
+                    if events:
+                        sink.publish(events)
+                        backoff.reset()
+                parser.close()
+        except TimeoutError:
+            if connected:
+                raise _Failed("timeout", "no bytes within the idle timeout") from None
+            raise _Failed("connect", "connect timed out") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            reason = "read" if connected else "connect"
+            raise _Failed(reason, f"{type(exc).__name__}: {exc}") from None
