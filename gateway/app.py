@@ -108,7 +108,8 @@ def make_app(
         app.router.add_get(config.metrics.path, metrics_handler)
     if config.demo.enabled:
         app.router.add_get("/", demo_page)
-    app.router.add_route("*", "/{tail:.*}", stream_handler)
+    # [\s\S]: "." would not match a decoded %0A, leaving such paths to aiohttp's bare 404.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", stream_handler)
     return app
 
 

@@ -343,7 +343,8 @@ def _check_upstream_template(table: _Table, upstream: str) -> list[str]:
     return names
 
 
-def _build(doc: Mapping[str, Any], environ: Mapping[str, str]) -> GatewayConfig:
+def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> GatewayConfig:
+    """Validate a parsed TOML document (the file layout) into a GatewayConfig."""
     problems: list[str] = []
     root = _Table(doc, "", problems)
 
@@ -530,7 +531,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     if args.log_level is not None:
         doc.setdefault("server", {})["log_level"] = args.log_level
     try:
-        config = _build(doc, environ)
+        config = from_document(doc, environ)
     except ConfigError as exc:
         raise ConfigError(problems + exc.problems) from None
     if problems:

@@ -10,7 +10,7 @@ slot. So 10,000 idle subscribers cost one timer and ~10,000 checks per
 interval, and a busy topic costs nothing at all.
 
 Due times are drawn between 80% and 90% of the interval after the last
-activity, and the wheel's tick is at most a tenth of the interval, so a
+activity, and the wheel's tick is at most 2% of the interval, so a
 heartbeat always comes within the interval (a proxy's idle timeout set to
 the interval is never reached) and writes of subscribers that went idle
 together are spread over a tenth of the interval.
@@ -51,9 +51,15 @@ class HeartbeatWheel:
 
     @staticmethod
     def tick_for(intervals: list[float]) -> float:
-        """The tick that keeps every interval's heartbeat on time: a tenth of the shortest."""
+        """A tick of 2% of the shortest interval (5 ms to 250 ms).
+
+        Fine enough that rounding up to a slot keeps every heartbeat inside its
+        interval and that the jitter window (10% of the interval) spans several
+        slots; coarse enough that the one timer wakes at most 4 times a second
+        at production intervals.
+        """
         positive = [i for i in intervals if i > 0]
-        return min(1.0, max(0.005, min(positive, default=10.0) * _SPREAD))
+        return min(0.25, max(0.005, min(positive, default=10.0) * 0.02))
 
     def __len__(self) -> int:
         return len(self._slot_of)

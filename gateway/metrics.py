@@ -9,8 +9,12 @@ advanced by N once per event batch, never once per subscriber.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import REGISTRY
+
+# `*_created` series double the exposition for no dashboard use; Prometheus
+# detects counter resets by itself.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Why a connection ended; the `outcome` label of connections_closed_total.
 OUTCOMES = ("normal", "slow", "gone", "shutdown", "error")

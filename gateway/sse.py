@@ -6,7 +6,8 @@ pushes bytes into a `Parser` and gets `Event` objects back, and turns `Event` ob
 with `encode`. Keeping it pure makes it trivially testable byte by byte and reusable on both
 sides of the proxy.
 
-Parsing follows the WHATWG HTML Living Standard, section 9.2.6 "Interpreting an event stream":
+Parsing follows the WHATWG HTML Living Standard, section 9.2.6 "Interpreting an event stream"
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation):
 
 * The stream is UTF-8; invalid sequences decode to U+FFFD. Exactly one U+FEFF BOM is stripped,
   and only at the very start of the stream (a later or second BOM is data).
@@ -43,12 +44,12 @@ event's own block, so a proxy can tell an event that set an id (and must forward
 that merely inherits the last event ID buffer (`Parser.last_event_id`).
 
 Invariants the rest of the gateway relies on: `Parser.feed` never raises, whatever the bytes
-and however they are split, and splitting never changes the result; the parser's line buffer
-never holds more than ``max_line_bytes`` plus one `Parser.feed` argument; for every `Event` the
-encoder accepts, a spec parser reads ``encode(event)`` back as the same `Event` (with CR and
-CRLF inside ``data`` turned into LF, since the format cannot carry them). The only exception
-this module raises is `EncodeError`, from the encoder (and `ValueError` for negative limits
-given to `Parser`).
+and however they are split, and splitting never changes the result; between calls the parser's
+line buffer holds at most ``max_line_bytes`` (during a call, at most one `Parser.feed` argument
+more); for every `Event` the encoder accepts, a spec parser reads ``encode(event)`` back as the
+same `Event` (with CR and CRLF inside ``data`` turned into LF, since the format cannot carry
+them). The only exception this module raises is `EncodeError`, from the encoder (apart from
+`ValueError` for negative limits given to `Parser`, a programming error caught at once).
 
 Cost: each byte is scanned a constant number of times by C code (``rfind``/``in``/``decode``/
 ``split`` over whole chunks); an incomplete line is kept in a ``bytearray`` and only the newly

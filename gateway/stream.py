@@ -146,6 +146,9 @@ async def serve(
     # One stream per connection: a closed stream means the connection is done
     # (and shutdown must not leave idle keep-alive connections behind).
     resp.force_close()
+    if request.version >= (1, 1):
+        # Explicit, so the framing below is our decision, not an inference.
+        resp.enable_chunked_encoding()
     await resp.prepare(request)
     preamble = encode_retry(route.retry_ms) if route.retry_ms else encode_comment("ok")
     # Through aiohttp so the buffered headers and the preamble leave in one write, now.
@@ -164,12 +167,13 @@ async def serve(
     topic = hub.subscribe(target, downstream)
     wheel.add(downstream)
     metrics.opened.inc()
-    outcome = "gone"
     try:
-        outcome = await downstream.closed
+        await downstream.closed
     finally:
-        downstream.close(outcome)
+        # Cancelled by aiohttp = the client went away; otherwise the first recorded
+        # outcome stands (a "slow" abort also cancels this task through connection_lost).
+        downstream.close("gone")
         wheel.discard(downstream)
         hub.unsubscribe(topic, downstream)
-        metrics.closed[outcome].inc()
+        metrics.closed[downstream.outcome or "gone"].inc()
     return resp

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.app import HUB, make_app
+from gateway.config import GatewayConfig, from_document
+from gateway.metrics import Metrics
+
+from .support import Upstream
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    # Production runs on uvloop; so do the tests (its transports differ from asyncio's).
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = Upstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    # limit=0: tests hold hundreds of streams at once.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        yield s
+
+
+@dataclass
+class Gateway:
+    app: web.Application
+    runner: web.AppRunner
+    port: int
+    config: GatewayConfig
+    registry: CollectorRegistry
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    @property
+    def hub(self) -> Any:
+        return self.app[HUB]
+
+
+def route_doc(upstream: Upstream, **options: Any) -> dict[str, Any]:
+    route = {"name": "r", "path": "/events/{topic}", "upstream": upstream.url()}
+    route.update(options)
+    return route
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[GatewayFactory]:
+    runners: list[web.AppRunner] = []
+
+    async def start(*routes: dict[str, Any], **sections: Any) -> Gateway:
+        doc = {"routes": list(routes), **sections}
+        config = from_document(doc, {})
+        registry = CollectorRegistry()
+        app = make_app(config, metrics=Metrics(registry))
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return Gateway(app, runner, port, config, registry)
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()

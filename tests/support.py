@@ -1,0 +1,272 @@
+"""Test doubles that are real: an SSE upstream on a loopback socket, SSE clients, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from gateway.sse import Event, Parser, encode, encode_many
+
+
+class Changes:
+    """Wake every waiter on each change; a waiter re-checks its own condition (no lost wake-ups)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = 5) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._event.wait()
+
+
+class LogWatcher(logging.Handler):
+    """Collects a logger's messages and wakes waiters on each: wait on what the code reports."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.records: list[str] = []
+        self.changes = Changes()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+        self.changes.notify()
+
+    def __enter__(self) -> LogWatcher:
+        self.logger.addHandler(self)
+        self._level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self._level)
+
+    async def until(self, predicate: Callable[[list[str]], bool], timeout: float = 5) -> None:
+        await self.changes.until(lambda: predicate(self.records), timeout)
+
+
+class Upstream:
+    """A real aiohttp SSE backend whose events and failures the test drives.
+
+    Every connection is recorded with its request headers; `publish()` writes
+    to every open stream of a topic; `stop()`/`start()` restart it on the same
+    port, which is how tests take an upstream away mid-stream.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[web.Request] = []
+        self.open: dict[str, set[web.StreamResponse]] = {}
+        self.history: dict[str, list[Event]] = {}
+        self.changes = Changes()
+        self.status = 200
+        self.content_type = "text/event-stream"
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self._streams: set[asyncio.Future[None]] = set()
+
+    def url(self, path: str = "/stream/{topic}") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/stream/{topic}", self._handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        if not self.port:
+            server = site._server
+            assert isinstance(server, asyncio.base_events.Server) or hasattr(server, "sockets")
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        """Drop every stream abruptly and stop listening."""
+        for streams in self.open.values():
+            for resp in streams:
+                transport = resp._req.transport if resp._req else None
+                if transport is not None:
+                    transport.abort()
+        for fut in self._streams:
+            if not fut.done():
+                fut.set_result(None)
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        topic = request.match_info["topic"]
+        self.connections.append(request)
+        self.changes.notify()
+        if self.status != 200 or self.content_type != "text/event-stream":
+            return web.Response(status=self.status, text="nope", content_type=self.content_type)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b": hello\n\n")
+        # Like a real backend: resume after Last-Event-ID from this topic's history.
+        last_id = request.headers.get("Last-Event-ID")
+        history = self.history.get(topic, [])
+        ids = [e.id for e in history]
+        if last_id in ids:
+            missed = history[ids.index(last_id) + 1 :]
+            if missed:
+                await resp.write(encode_many(missed))
+        self.open.setdefault(topic, set()).add(resp)
+        self.changes.notify()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._streams.add(done)
+        try:
+            await done
+        finally:
+            self.open[topic].discard(resp)
+            self._streams.discard(done)
+            self.changes.notify()
+        return resp
+
+    def subscribers(self, topic: str) -> int:
+        return len(self.open.get(topic, ()))
+
+    async def wait_connections(self, count: int, timeout: float = 5) -> None:
+        await self.changes.until(lambda: len(self.connections) >= count, timeout)
+
+    async def wait_open(self, topic: str, count: int = 1, timeout: float = 5) -> None:
+        await self.changes.until(lambda: self.subscribers(topic) >= count, timeout)
+
+    async def wait_closed(self, topic: str, timeout: float = 5) -> None:
+        await self.changes.until(lambda: self.subscribers(topic) == 0, timeout)
+
+    async def send(self, topic: str, data: bytes) -> None:
+        for resp in list(self.open.get(topic, ())):
+            await resp.write(data)
+
+    async def publish(self, topic: str, *events: Event) -> None:
+        """Record in the topic's history (for resume) and write to every open stream."""
+        self.history.setdefault(topic, []).extend(events)
+        await self.send(topic, encode_many(events))
+
+
+@dataclass
+class Client:
+    """An SSE client over a real socket: raw bytes kept, events parsed as they arrive."""
+
+    response: aiohttp.ClientResponse
+    parser: Parser = field(default_factory=Parser)
+    raw: bytearray = field(default_factory=bytearray)
+    events: list[Event] = field(default_factory=list)
+    changes: Changes = field(default_factory=Changes)
+    ended: bool = False
+    task: asyncio.Task[None] | None = None
+
+    async def _read(self) -> None:
+        try:
+            async for chunk in self.response.content.iter_any():
+                self.raw += chunk
+                self.events.extend(self.parser.feed(chunk))
+                self.changes.notify()
+        except (aiohttp.ClientError, ConnectionError):
+            pass
+        finally:
+            self.ended = True
+            self.changes.notify()
+
+    async def wait_for(self, predicate: Callable[[Client], bool], timeout: float = 5) -> None:
+        def ready() -> bool:
+            if predicate(self):
+                return True
+            if self.ended:
+                raise AssertionError(f"stream ended early; got {len(self.events)} events")
+            return False
+
+        await self.changes.until(ready, timeout)
+
+    async def wait_events(self, count: int, timeout: float = 5) -> list[Event]:
+        await self.wait_for(lambda c: len(c.events) >= count, timeout)
+        return self.events
+
+    async def wait_end(self, timeout: float = 5) -> None:
+        await self.changes.until(lambda: self.ended, timeout)
+
+    def close(self) -> None:
+        self.response.close()
+        if self.task is not None:
+            self.task.cancel()
+
+
+async def connect(session: aiohttp.ClientSession, url: str, **kwargs: object) -> Client:
+    response = await session.get(url, **kwargs)  # type: ignore[arg-type]
+    assert response.status == 200, (response.status, await response.text())
+    client = Client(response)
+    client.task = asyncio.create_task(client._read())
+    return client
+
+
+def events(topic: str, first: int, count: int, size: int = 0) -> list[Event]:
+    pad = "x" * size
+    return [Event(data=f"{topic} {i} {pad}", id=str(i)) for i in range(first, first + count)]
+
+
+async def raw_request(port: int, request: bytes, timeout: float = 5) -> bytes:
+    """Send bytes exactly as given (no client normalization) and read the reply head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+class FakeClock:
+    """A virtual clock: `advance()` runs due timers and wakes sleepers; no wall-clock waits."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.time = start
+        self._timers: list[tuple[float, int, _FakeTimer]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self.time
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> _FakeTimer:
+        timer = _FakeTimer(callback)
+        heapq.heappush(self._timers, (self.time + seconds, next(self._seq), timer))
+        return timer
+
+    async def sleep(self, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.call_later(seconds, lambda: fut.done() or fut.set_result(None))
+        await fut
+
+    def advance(self, seconds: float) -> None:
+        end = self.time + seconds
+        while self._timers and self._timers[0][0] <= end:
+            when, _, timer = heapq.heappop(self._timers)
+            self.time = max(self.time, when)
+            if not timer.cancelled:
+                timer.callback()
+        self.time = end
+
+
+@dataclass
+class _FakeTimer:
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+__all__ = ["Client", "FakeClock", "Upstream", "connect", "encode", "events", "raw_request"]

@@ -1,0 +1,168 @@
+"""Downstream behaviour over real sockets: slow subscribers, heartbeats, HTTP/1.0, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+import aiohttp
+
+from gateway.app import LIFECYCLE
+
+from .conftest import GatewayFactory, route_doc
+from .support import Upstream, connect, events
+
+HEARTBEAT = b": heartbeat\n\n"
+
+
+async def _stalled_reader(
+    port: int, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that sends a request, then never reads (a tiny receive buffer fills fast)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def test_subscriber_that_never_reads_is_cut_off_at_its_limit_while_others_keep_up(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, max_unsent_bytes=64 * 1024))
+    good = await connect(session, gw.url("/events/flood"))
+    _, stalled = await _stalled_reader(gw.port, "/events/flood")
+    await upstream.wait_open("flood")
+    await good.wait_for(lambda c: bytes(c.raw).startswith(b"retry:"))
+    sent = 0
+    # Bounded: 16 MB at most, far beyond kernel buffers plus the 64 KiB limit.
+    for batch in range(500):
+        await upstream.publish("flood", *events("flood", batch, 1, size=32 * 1024))
+        sent += 1
+        # The good client is never held back by the stalled one: it has every event so far.
+        await good.wait_events(sent)
+        if gw.metric("sse_gateway_connections_closed_total", route="r", outcome="slow") == 1:
+            break
+    assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="slow") == 1
+    assert gw.metric("sse_gateway_subscribers", route="r") == 1
+    await upstream.publish("flood", *events("flood", 1000, 1))
+    await good.wait_events(sent + 1)
+    assert [e.id for e in good.events] == [str(i) for i in range(sent)] + ["1000"]
+    stalled.close()
+    good.close()
+
+
+async def test_idle_stream_carries_heartbeats(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, heartbeat_seconds=0.05))
+    client = await connect(session, gw.url("/events/quiet"))
+    await client.wait_for(lambda c: bytes(c.raw).count(HEARTBEAT) >= 3)
+    assert client.events == []
+    assert gw.metric("sse_gateway_heartbeats_total", route="r") >= 3
+    client.close()
+
+
+async def test_heartbeats_never_split_an_event(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, heartbeat_seconds=0.02))
+    client = await connect(session, gw.url("/events/mixed"))
+    await upstream.wait_open("mixed")
+    for i in range(10):
+        # Let a heartbeat in between every pair of events, then send a multi-line event
+        # in two upstream writes so the gateway holds half an event between reads.
+        beats = bytes(client.raw).count(HEARTBEAT)
+        await client.wait_for(lambda c, n=beats: bytes(c.raw).count(HEARTBEAT) > n)
+        await upstream.send("mixed", f"id: {i}\ndata: line one\n".encode())
+        await upstream.send("mixed", b"data: line two\n\n")
+        await client.wait_events(i + 1)
+    blocks = bytes(client.raw).split(b"\n\n")
+    assert blocks[0] == b"retry: 3000"
+    for block in blocks[1:-1]:
+        lines = block.split(b"\n")
+        assert lines == [b": heartbeat"] or not any(line.startswith(b":") for line in lines), block
+    assert [e.data for e in client.events] == ["line one\nline two"] * 10
+    client.close()
+
+
+async def test_http10_client_gets_an_unframed_stream(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /events/old HTTP/1.0\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.0 200")
+    assert b"transfer-encoding" not in head.lower()
+    await upstream.wait_open("old")
+    await upstream.publish("old", *events("old", 1, 1))
+    body = await asyncio.wait_for(reader.readuntil(b"data: old 1 \n\n"), 5)
+    assert body == b"retry: 3000\n\nid: 1\ndata: old 1 \n\n"
+    writer.close()
+
+
+async def test_chunked_stream_frames_whole_batches(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /events/c HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert b"Transfer-Encoding: chunked" in head
+    await upstream.wait_open("c")
+    await upstream.publish("c", *events("c", 1, 3))
+    body = await asyncio.wait_for(reader.readuntil(b"data: c 3 \n\n\r\n"), 5)
+    payload = b"id: 1\ndata: c 1 \n\nid: 2\ndata: c 2 \n\nid: 3\ndata: c 3 \n\n"
+    # One upstream read of three events is one chunk: one write per subscriber.
+    assert body == b"d\r\nretry: 3000\n\n\r\n" + b"%x\r\n" % len(payload) + payload + b"\r\n"
+    writer.close()
+
+
+async def test_shutdown_ends_streams_cleanly_and_readyz_turns_503(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream))
+    client = await connect(session, gw.url("/events/s"))
+    await upstream.wait_open("s")
+    async with session.get(gw.url("/readyz")) as resp:
+        assert resp.status == 200
+    gw.app[LIFECYCLE].ready = False
+    async with session.get(gw.url("/readyz")) as resp:
+        assert resp.status == 503
+    async with session.get(gw.url("/events/s")) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+    await gw.runner.cleanup()
+    await client.wait_end()
+    # A clean end: the chunked body was terminated, not cut (aiohttp would raise otherwise).
+    assert client.response.content.at_eof()
+    await upstream.wait_closed("s")
+    assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="shutdown") == 1
+
+
+async def test_metrics_endpoint_exposes_the_core_series(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream))
+    client = await connect(session, gw.url("/events/m"))
+    await upstream.wait_open("m")
+    await upstream.publish("m", *events("m", 1, 2))
+    await client.wait_events(2)
+    async with session.get(gw.url("/metrics")) as resp:
+        text = await resp.text()
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    for line in (
+        'sse_gateway_subscribers{route="r"} 1.0',
+        'sse_gateway_topics{route="r"} 1.0',
+        'sse_gateway_upstream_connections{route="r"} 1.0',
+        'sse_gateway_events_received_total{route="r"} 2.0',
+        'sse_gateway_events_delivered_total{route="r"} 2.0',
+    ):
+        assert line in text.splitlines(), line
+    assert not re.search(r"_created\b", text)
+    client.close()

@@ -1,0 +1,229 @@
+"""The hub without HTTP: a scripted upstream, fake subscribers and a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.config import from_document
+from gateway.hub import Hub, Topic, UpstreamSink
+from gateway.metrics import Metrics
+from gateway.route import RouteTable, Target
+from gateway.sse import Event
+
+from .support import FakeClock
+
+
+class FakeSubscriber:
+    def __init__(self, framing=lambda raw: raw, accept: bool = True) -> None:  # type: ignore[no-untyped-def]
+        self.framing = framing
+        self.topics: list[Topic] = []
+        self.received: list[bytes] = []
+        self.accept = accept
+        self.outcome: str | None = None
+
+    def send(self, data: bytes) -> bool:
+        if not self.accept or self.outcome:
+            return False
+        self.received.append(data)
+        return True
+
+    def close(self, outcome: str) -> None:
+        self.outcome = self.outcome or outcome
+
+
+class ScriptedUpstreams:
+    """The factory: records each opened topic's sink; runs until cancelled."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, UpstreamSink] = {}
+        self.opened: list[str] = []
+        self.cancelled: list[str] = []
+        self.crash: set[str] = set()
+
+    async def __call__(self, target: Target, sink: UpstreamSink) -> None:
+        self.opened.append(target.topic_key)
+        self.sinks[target.topic_key] = sink
+        if target.topic_key in self.crash:
+            raise RuntimeError("boom")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(target.topic_key)
+            raise
+
+
+def targets(*paths: str, linger: float = 5.0) -> list[Target]:
+    doc = {
+        "routes": [
+            {"name": "r", "path": "/e/{t}", "upstream": "http://u/{t}", "linger_seconds": linger}
+        ]
+    }
+    table = RouteTable(from_document(doc, {}).routes)
+    return [table.resolve(p, []) for p in paths]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def upstreams() -> ScriptedUpstreams:
+    return ScriptedUpstreams()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+def hub(upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics) -> Hub:
+    return Hub(upstreams, clock, metrics)
+
+
+async def settle() -> None:
+    """Let tasks created so far run their first steps (no time passes on the virtual clock)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"route": "r", **labels}) or 0.0
+
+
+async def test_concurrent_first_subscribers_open_one_upstream(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    (target,) = targets("/e/a")
+    subs = [FakeSubscriber() for _ in range(100)]
+    for sub in subs:
+        hub.subscribe(target, sub)
+    await settle()
+    assert upstreams.opened == [target.topic_key]
+
+
+async def test_one_encode_shared_by_every_subscriber_of_a_framing(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    (target,) = targets("/e/a")
+    plain = [FakeSubscriber() for _ in range(3)]
+
+    def angle(raw: bytes) -> bytes:
+        return b"<" + raw + b">"
+
+    framed = [FakeSubscriber(framing=angle) for _ in range(2)]
+    for sub in plain + framed:
+        hub.subscribe(target, sub)
+    await settle()
+    upstreams.sinks[target.topic_key].publish([Event("one", id="1"), Event("two", id="2")])
+    assert [s.received for s in plain] == [[b"id: 1\ndata: one\n\nid: 2\ndata: two\n\n"]] * 3
+    # The very same bytes object for every subscriber: no per-subscriber copy or encode.
+    assert len({id(s.received[0]) for s in plain}) == 1
+    assert len({id(s.received[0]) for s in framed}) == 1
+    assert framed[0].received[0] == b"<id: 1\ndata: one\n\nid: 2\ndata: two\n\n>"
+    assert value(metrics, "sse_gateway_events_received_total") == 2
+    assert value(metrics, "sse_gateway_events_delivered_total") == 10
+
+
+async def test_a_refusing_subscriber_does_not_stop_the_others(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    (target,) = targets("/e/a")
+    subs = [FakeSubscriber(), FakeSubscriber(accept=False), FakeSubscriber()]
+    for sub in subs:
+        hub.subscribe(target, sub)
+    await settle()
+    upstreams.sinks[target.topic_key].publish([Event("x")])
+    assert [len(s.received) for s in subs] == [1, 0, 1]
+
+
+async def test_event_the_encoder_refuses_is_dropped_and_counted(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    (target,) = targets("/e/a")
+    sub = FakeSubscriber()
+    hub.subscribe(target, sub)
+    await settle()
+    upstreams.sinks[target.topic_key].publish(
+        [Event("ok"), Event("bad", event="a\x00b"), Event("ok2")]
+    )
+    assert sub.received == [b"data: ok\n\ndata: ok2\n\n"]
+    assert value(metrics, "sse_gateway_events_dropped_total", reason="invalid") == 1
+
+
+async def test_linger_then_close_and_a_returning_subscriber_cancels_the_linger(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics
+) -> None:
+    (target,) = targets("/e/a", linger=5.0)
+    first = FakeSubscriber()
+    topic = hub.subscribe(target, first)
+    await settle()
+    hub.unsubscribe(topic, first)
+    clock.advance(4.9)
+    await settle()
+    assert upstreams.cancelled == []
+    second = FakeSubscriber()
+    assert hub.subscribe(target, second) is topic  # joined during the linger: same upstream
+    clock.advance(10)
+    await settle()
+    assert upstreams.cancelled == []
+    hub.unsubscribe(topic, second)
+    clock.advance(5.0)
+    await settle()
+    assert upstreams.cancelled == [target.topic_key]
+    assert hub.topics == {}
+    assert value(metrics, "sse_gateway_topics") == 0
+    assert value(metrics, "sse_gateway_subscribers") == 0
+    third = FakeSubscriber()
+    hub.subscribe(target, third)
+    await settle()
+    assert upstreams.opened == [target.topic_key, target.topic_key]
+
+
+async def test_crashed_upstream_runner_ends_only_its_own_topic(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    bad, good = targets("/e/bad", "/e/good")
+    upstreams.crash.add(bad.topic_key)
+    victim, bystander = FakeSubscriber(), FakeSubscriber()
+    hub.subscribe(bad, victim)
+    hub.subscribe(good, bystander)
+    await settle()
+    assert victim.outcome == "error"
+    assert bystander.outcome is None
+    assert list(hub.topics) == [good.topic_key]
+    upstreams.sinks[good.topic_key].publish([Event("still here")])
+    assert bystander.received == [b"data: still here\n\n"]
+
+
+async def test_close_ends_every_subscriber_and_upstream(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    a, b = targets("/e/a", "/e/b")
+    subs = [FakeSubscriber(), FakeSubscriber()]
+    hub.subscribe(a, subs[0])
+    hub.subscribe(b, subs[1])
+    await settle()
+    await hub.close()
+    assert [s.outcome for s in subs] == ["shutdown", "shutdown"]
+    assert sorted(upstreams.cancelled) == sorted([a.topic_key, b.topic_key])
+    with pytest.raises(RuntimeError):
+        hub.subscribe(a, FakeSubscriber())
+
+
+async def test_connected_state_is_counted_once(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    (target,) = targets("/e/a")
+    hub.subscribe(target, FakeSubscriber())
+    await settle()
+    sink = upstreams.sinks[target.topic_key]
+    sink.set_connected(True)
+    sink.set_connected(True)
+    assert value(metrics, "sse_gateway_upstream_connections") == 1
+    sink.set_connected(False)
+    assert value(metrics, "sse_gateway_upstream_connections") == 0

@@ -1,0 +1,137 @@
+"""Topic lifecycle and upstream resilience over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from .conftest import GatewayFactory, route_doc
+from .support import LogWatcher, Upstream, connect, events
+
+
+async def test_last_subscriber_leaving_closes_upstream_after_linger_and_new_one_reopens(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, linger_seconds=0.1))
+    first = await connect(session, gw.url("/events/t"))
+    await upstream.wait_open("t")
+    first.close()
+    await upstream.wait_closed("t")
+    assert gw.metric("sse_gateway_topics", route="r") == 0
+    assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="gone") == 1
+
+    second = await connect(session, gw.url("/events/t"))
+    await upstream.wait_open("t")
+    assert len(upstream.connections) == 2
+    await upstream.publish("t", *events("t", 1, 1))
+    assert await second.wait_events(1) == events("t", 1, 1)
+    second.close()
+
+
+async def test_upstream_restart_resumes_with_last_event_id_and_loses_nothing(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, reconnect_initial_seconds=0.05))
+    clients = [await connect(session, gw.url("/events/live")) for _ in range(3)]
+    await upstream.wait_open("live")
+    await upstream.publish("live", *events("live", 1, 5))
+    await asyncio.gather(*(c.wait_events(5) for c in clients))
+
+    await upstream.stop()
+    # Published while the gateway is cut off: it must fetch these on resume.
+    upstream.history["live"].extend(events("live", 6, 3))
+    await upstream.start()
+    await upstream.wait_open("live")
+    await upstream.publish("live", *events("live", 9, 2))
+    await asyncio.gather(*(c.wait_events(10) for c in clients))
+
+    assert upstream.connections[1].headers["Last-Event-ID"] == "5"
+    for client in clients:
+        assert client.events == events("live", 1, 10)
+    assert gw.metric("sse_gateway_upstream_connects_total", route="r") == 2
+    assert gw.metric("sse_gateway_upstream_failures_total", route="r", reason="read") == 1
+    for client in clients:
+        client.close()
+
+
+async def test_failing_upstream_is_retried_and_reported_and_other_topics_are_undisturbed(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    broken = Upstream()
+    await broken.start()
+    broken.status = 502
+    try:
+        gw = await make_gateway(
+            route_doc(upstream),
+            {
+                "name": "b",
+                "path": "/broken/{topic}",
+                "upstream": broken.url(),
+                "reconnect_initial_seconds": 0.01,
+                "reconnect_max_seconds": 0.02,
+            },
+        )
+        healthy = await connect(session, gw.url("/events/ok"))
+        victim = await connect(session, gw.url("/broken/x"))
+        await broken.wait_connections(3)  # retried, with backoff, more than once
+        assert gw.metric("sse_gateway_upstream_failures_total", route="b", reason="status") >= 2
+
+        broken.content_type = "text/plain"
+        broken.status = 200
+        before = len(broken.connections)
+        await broken.wait_connections(before + 2)
+        assert (
+            gw.metric("sse_gateway_upstream_failures_total", route="b", reason="content_type") >= 1
+        )
+
+        await upstream.wait_open("ok")
+        await upstream.publish("ok", *events("ok", 1, 3))
+        assert await healthy.wait_events(3) == events("ok", 1, 3)
+
+        broken.content_type = "text/event-stream"
+        await broken.wait_open("x")
+        await broken.publish("x", *events("x", 1, 1))
+        assert await victim.wait_events(1) == events("x", 1, 1)
+        assert gw.metric("sse_gateway_upstream_connections", route="b") == 1
+        healthy.close()
+        victim.close()
+    finally:
+        await broken.stop()
+
+
+async def test_refused_connection_is_retried_until_the_upstream_appears(
+    make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    late = Upstream()
+    await late.start()
+    await late.stop()  # keep the port, nothing listens on it now
+    gw = await make_gateway(
+        route_doc(late, reconnect_initial_seconds=0.01, reconnect_max_seconds=0.05)
+    )
+    with LogWatcher("gateway.upstream") as log:
+        client = await connect(session, gw.url("/events/x"))
+        await log.until(lambda records: sum("ClientConnectorError" in r for r in records) >= 2)
+    assert gw.metric("sse_gateway_upstream_failures_total", route="r", reason="connect") >= 2
+    await late.start()
+    try:
+        await late.wait_open("x")
+        await late.publish("x", *events("x", 1, 1))
+        assert await client.wait_events(1) == events("x", 1, 1)
+    finally:
+        client.close()
+        await late.stop()
+
+
+async def test_oversize_upstream_event_is_dropped_counted_and_the_stream_goes_on(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, max_event_bytes=1000, max_line_bytes=500))
+    client = await connect(session, gw.url("/events/big"))
+    await upstream.wait_open("big")
+    await upstream.send("big", b"id: 1\ndata: " + b"x" * 5000 + b"\n\n")
+    await upstream.send("big", b"id: 2\n" + b"data: yyyyyyyyyy\n" * 200 + b"\n")
+    await upstream.publish("big", *events("big", 3, 1))
+    assert await client.wait_events(1) == events("big", 3, 1)
+    assert gw.metric("sse_gateway_events_dropped_total", route="r", reason="oversize") == 2
+    client.close()
