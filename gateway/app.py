@@ -54,8 +54,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         request.app[METRICS].requests_rejected.labels(exc.reason).inc()
+        # %r of the raw target: a decoded %0D%0A must not forge log lines.
         log.info(
-            "rejected %s %s: %d %s", request.method, request.path_qs[:200], exc.status, exc.message
+            "rejected %s %r: %d %s", request.method, request.raw_path[:200], exc.status, exc.message
         )
         return web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
 

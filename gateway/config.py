@@ -512,6 +512,11 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         doc = default_document()
 
     _env_overrides(doc, environ, problems)
+    if not path and args.path is None:
+        # The embedded demo route follows the demo listener wherever it is moved.
+        demo_listen = doc.get("demo", {}).get("listen")
+        if isinstance(demo_listen, str) and _parse_listen(demo_listen) is not None:
+            doc["routes"][0]["upstream"] = f"http://{_parse_listen(demo_listen)}/stream/{{topic}}"
     if args.path is not None and args.upstream is not None:
         doc["routes"] = [{"name": "default", "path": args.path, "upstream": args.upstream}]
         if not path:

@@ -204,15 +204,19 @@ class Hub:
         self._factory = upstream_factory
         self._topics: dict[str, Topic] = {}
         self._stopping: set[asyncio.Task[None]] = set()
-        self.closing = False
+        self._closing = False
 
     @property
     def topics(self) -> dict[str, Topic]:
         return self._topics
 
+    def is_closing(self) -> bool:
+        """True once `close()` began; new subscribers are refused from then on."""
+        return self._closing
+
     def subscribe(self, target: Target, sub: Subscriber) -> Topic:
         """Add `sub` to the target's topic, opening the topic's upstream if it is new."""
-        if self.closing:
+        if self._closing:
             raise RuntimeError("hub is closing")
         topic = self._topics.get(target.topic_key)
         if topic is None:
@@ -252,7 +256,7 @@ class Hub:
 
     async def close(self) -> None:
         """Shutdown: end every subscriber's stream and close every upstream."""
-        self.closing = True
+        self._closing = True
         for topic in list(self._topics.values()):
             self._close_topic(topic, "shutdown")
         if self._stopping:

@@ -135,7 +135,7 @@ async def serve(
     extra_headers: dict[str, str],
 ) -> web.StreamResponse:
     """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
-    if hub.closing:
+    if hub.is_closing():
         raise Unavailable("shutting down", headers={"Retry-After": "1"})
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -163,6 +163,8 @@ async def serve(
         metrics=metrics,
     )
     metrics.bytes_written.inc(len(preamble))
+    if hub.is_closing():  # shutdown began while the preamble was written: end the stream now
+        return resp
     # No await between here and subscribe: the stream starts at an event boundary.
     topic = hub.subscribe(target, downstream)
     wheel.add(downstream)

@@ -272,7 +272,8 @@ class _PageScan(HTMLParser):
         for name, value in attrs:
             if name == "id" and value:
                 self.ids.add(value)
-            if name in {"src", "href"} and value:
+            # data: URLs are inline (the empty favicon that spares a /favicon.ico request).
+            if name in {"src", "href"} and value and not value.startswith("data:"):
                 self.external.append(value)
 
 
