@@ -449,7 +449,9 @@ def _env_overrides(doc: dict[str, Any], environ: Mapping[str, str], problems: li
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        doc.setdefault(section, {})[rest[len(section) + 1 :]] = value
+        table = doc.setdefault(section, {})
+        if isinstance(table, dict):  # otherwise from_document reports the section's type
+            table[rest[len(section) + 1 :]] = value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -103,13 +103,13 @@ class Topic:
     def publish(self, events: Sequence[Event]) -> None:
         if not events:
             return
+        self.metrics.events_received.inc(len(events))
         try:
             raw = encode_many(events)
         except EncodeError:
             raw = self._encode_valid(events)
             if not raw:
                 return
-        self.metrics.events_received.inc(len(events))
         self.last_publish = self._hub.clock.now()
         snapshot = self._snapshot
         if snapshot is None:

@@ -161,6 +161,14 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path: Pat
     assert not config.demo.enabled
 
 
+def test_environment_override_into_a_malformed_section_is_reported(tmp_path: Path) -> None:
+    file = tmp_path / "g.toml"
+    file.write_text('server = 5\n[[routes]]\npath = "/e/{t}"\nupstream = "http://h/{t}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(parse_args(["--config", str(file)]), {"SSE_GATEWAY_SERVER_LISTEN": "1.2.3.4:5"})
+    assert info.value.problems == ["server: expected a table, got 5"]
+
+
 def test_unknown_environment_setting_is_an_error() -> None:
     with pytest.raises(ConfigError) as info:
         load(parse_args([]), {"SSE_GATEWAY_SERVR_LISTEN": "x"})
@@ -209,19 +217,23 @@ def test_config_examples_in_the_repository_are_valid() -> None:
         load(parse_args(["--config", str(file)]), {"BACKEND_TOKEN": "t"})
 
 
+def run_gateway(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 @pytest.mark.process
 def test_bad_config_file_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
     file = tmp_path / "bad.toml"
     file.write_text(
         '[[routes]]\npath = "/e/{t}"\nupstream = "http://h/{t}"\nheartbeat_seconds = "soon"\n'
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(file)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_gateway("--config", str(file))
     assert result.returncode == 2
     assert "routes[0].heartbeat_seconds: expected a number" in result.stderr
 
@@ -230,12 +242,6 @@ def test_bad_config_file_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
 def test_unparseable_toml_exits_non_zero(tmp_path: Path) -> None:
     file = tmp_path / "bad.toml"
     file.write_text("[[routes]\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(file)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_gateway("--config", str(file))
     assert result.returncode == 2
     assert "invalid TOML" in result.stderr

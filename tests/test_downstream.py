@@ -166,3 +166,16 @@ async def test_metrics_endpoint_exposes_the_core_series(
         assert line in text.splitlines(), line
     assert not re.search(r"_created\b", text)
     client.close()
+
+
+async def test_subscriber_sockets_have_nodelay(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream))
+    client = await connect(session, gw.url("/events/n"))
+    await upstream.wait_open("n")
+    (topic,) = gw.hub.topics.values()
+    (sub,) = topic.subscribers
+    sock = sub._transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    client.close()
