@@ -39,7 +39,7 @@ def encode_event(seq: int, sent_at: float, size: int) -> bytes:
     """One SSE event whose data is about `size` bytes: timestamp, seq, then padding."""
     head = b'{"t":%.6f,"seq":%d,"pad":"' % (sent_at, seq)
     pad = max(0, size - len(head) - 2)
-    return b"id: %d\ndata: %b%b\"}\n\n" % (seq, head, b"x" * pad)
+    return b'id: %d\ndata: %b%b"}\n\n' % (seq, head, b"x" * pad)
 
 
 class Topic:
