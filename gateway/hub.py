@@ -104,11 +104,12 @@ class Topic:
         if not events:
             return
         self.metrics.events_received.inc(len(events))
+        count = len(events)
         try:
             raw = encode_many(events)
         except EncodeError:
-            raw = self._encode_valid(events)
-            if not raw:
+            raw, count = self._encode_valid(events)
+            if not count:
                 return
         self.last_publish = self._hub.clock.now()
         snapshot = self._snapshot
@@ -118,15 +119,18 @@ class Topic:
         written = 0
         for framing, group in snapshot:
             data = framing(raw)
+            group_reached = 0
             for sub in group:
                 if sub.send(data):
-                    reached += 1
-            written += len(data) * len(group)
+                    group_reached += 1
+            reached += group_reached
+            written += len(data) * group_reached
+        # Counted once per batch (N at a time), never once per subscriber.
         if reached:
-            self.metrics.events_delivered.inc(len(events) * reached)
-        self.metrics.bytes_written.inc(written)
+            self.metrics.events_delivered.inc(count * reached)
+            self.metrics.bytes_written.inc(written)
 
-    def _encode_valid(self, events: Sequence[Event]) -> bytes:
+    def _encode_valid(self, events: Sequence[Event]) -> tuple[bytes, int]:
         """Slow path: a batch holding an event the encoder refuses (CR/LF/NUL in a name)."""
         parts = []
         for event in events:
@@ -134,7 +138,7 @@ class Topic:
                 parts.append(encode(event))
             except EncodeError:
                 self.dropped("invalid")
-        return b"".join(parts)
+        return b"".join(parts), len(parts)
 
     def set_connected(self, connected: bool) -> None:
         if connected != self.connected:

@@ -153,6 +153,8 @@ async def test_event_the_encoder_refuses_is_dropped_and_counted(
     )
     assert sub.received == [b"data: ok\n\ndata: ok2\n\n"]
     assert value(metrics, "sse_gateway_events_dropped_total", reason="invalid") == 1
+    assert value(metrics, "sse_gateway_events_received_total") == 3
+    assert value(metrics, "sse_gateway_events_delivered_total") == 2
 
 
 async def test_linger_then_close_and_a_returning_subscriber_cancels_the_linger(
