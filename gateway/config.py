@@ -28,6 +28,7 @@ DEFAULT_PARAM_PATTERN = r"[A-Za-z0-9._~-]+"
 ENV_PREFIX = "SSE_GATEWAY_"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_NOT_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9110 5.5
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 
@@ -67,6 +68,7 @@ class RouteConfig:
     upstream_idle_timeout_seconds: float
     reconnect_initial_seconds: float
     reconnect_max_seconds: float
+    max_topics: int
     cors_origins: tuple[str, ...]
 
 
@@ -199,6 +201,7 @@ _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None],
     ("upstream_idle_timeout_seconds", float, 120.0, _non_negative),
     ("reconnect_initial_seconds", float, 0.5, _positive),
     ("reconnect_max_seconds", float, 30.0, _positive),
+    ("max_topics", int, 1000, _positive),
 )
 
 
@@ -222,6 +225,8 @@ def _read_headers(table: _Table, environ: Mapping[str, str]) -> tuple[UpstreamHe
         value = table.data[name]
         if not _HEADER_NAME.fullmatch(name):
             table.problem(name, "not a valid header name")
+        elif isinstance(value, str) and _NOT_FIELD_VALUE.search(value):
+            table.problem(name, "value holds a control character (CR, LF, NUL...)")
         elif isinstance(value, str):
             headers.append(UpstreamHeader(name, value))
         elif (
@@ -234,6 +239,9 @@ def _read_headers(table: _Table, environ: Mapping[str, str]) -> tuple[UpstreamHe
                 table.problem(name, f"environment variable {value['env']} is not set")
             elif not isinstance(prefix, str):
                 table.problem(name, "prefix must be a string")
+            elif _NOT_FIELD_VALUE.search(prefix + environ[value["env"]]):
+                # Never echo the value: it is a secret.
+                table.problem(name, f"{value['env']} holds a control character (CR, LF, NUL...)")
             else:
                 headers.append(UpstreamHeader(name, prefix + environ[value["env"]], secret=True))
         else:

@@ -54,6 +54,13 @@ class Unavailable(GatewayError):
     reason = "unavailable"
 
 
+class TopicLimit(GatewayError):
+    """A route already has its maximum number of topics open; retrying later may succeed."""
+
+    status = 503
+    reason = "topic_limit"
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used; lists every problem found, one per line."""
 

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from .errors import TopicLimit
 from .metrics import Metrics, RouteMetrics
 from .route import Target
 from .sse import EncodeError, Event, encode, encode_many
@@ -183,10 +184,12 @@ class Topic:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # An upstream runner must retry by itself; reaching here is a bug.
-            # Contain it to this topic: end its subscribers so they reconnect.
             log.exception("upstream runner for %s crashed", self.key)
-            self._hub._close_topic(self, "error")
+        else:
+            log.error("upstream runner for %s returned", self.key)
+        # A runner retries by itself until cancelled; reaching here is a bug. Contain it to
+        # this topic: end its subscribers so they reconnect and the topic starts afresh.
+        self._hub._close_topic(self, "error")
 
     async def _stop(self) -> None:
         if self._linger is not None:
@@ -207,6 +210,7 @@ class Hub:
         self.metrics = metrics
         self._factory = upstream_factory
         self._topics: dict[str, Topic] = {}
+        self._route_topics: dict[str, int] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -218,14 +222,32 @@ class Hub:
         """True once `close()` began; new subscribers are refused from then on."""
         return self._closing
 
+    def admit(self, target: Target) -> None:
+        """Raise TopicLimit if subscribing to `target` would open a topic over its route's cap.
+
+        Checked before a response starts, so a refusal is a clean 503; `subscribe` checks again.
+        """
+        route = target.route
+        if (
+            target.topic_key not in self._topics
+            and self._route_topics.get(route.name, 0) >= route.max_topics
+        ):
+            raise TopicLimit(
+                f"route {route.name!r} has its maximum of {route.max_topics} topics open",
+                headers={"Retry-After": "5"},
+            )
+
     def subscribe(self, target: Target, sub: Subscriber) -> Topic:
         """Add `sub` to the target's topic, opening the topic's upstream if it is new."""
         if self._closing:
             raise RuntimeError("hub is closing")
+        self.admit(target)
         topic = self._topics.get(target.topic_key)
         if topic is None:
-            rm = self.metrics.route(target.route.name)
+            route = target.route.name
+            rm = self.metrics.route(route)
             topic = self._topics[target.topic_key] = Topic(self, target, rm)
+            self._route_topics[route] = self._route_topics.get(route, 0) + 1
             rm.topics.inc()
             topic._start(self._factory)
         topic._add(sub)
@@ -251,6 +273,7 @@ class Hub:
     def _close_topic(self, topic: Topic, outcome: str) -> None:
         if self._topics.get(topic.key) is topic:
             del self._topics[topic.key]
+            self._route_topics[topic.target.route.name] -= 1
             topic.metrics.topics.dec()
         for sub in list(topic.subscribers):
             sub.close(outcome)

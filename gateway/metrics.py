@@ -17,13 +17,20 @@ from prometheus_client.core import REGISTRY
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Why a connection ended; the `outcome` label of connections_closed_total.
-OUTCOMES = ("normal", "slow", "gone", "shutdown", "error")
+OUTCOMES = ("normal", "slow", "gone", "shutdown", "error", "limit")
 # Why an upstream attempt failed; the `reason` label of upstream_failures_total.
 UPSTREAM_FAILURES = ("connect", "status", "content_type", "read", "timeout", "eof")
 # Why an event was not delivered; the `reason` label of events_dropped_total.
 DROP_REASONS = ("oversize", "invalid")
 # Why a request was refused before it became a subscriber.
-REJECT_REASONS = ("not_found", "bad_request", "forbidden", "method_not_allowed", "unavailable")
+REJECT_REASONS = (
+    "not_found",
+    "bad_request",
+    "forbidden",
+    "method_not_allowed",
+    "unavailable",
+    "topic_limit",
+)
 
 
 class Metrics:

@@ -41,7 +41,13 @@ gateway hold unbounded memory:
 
 `Event.id` is not in the spec's model: it is the value of the last valid ``id`` line inside the
 event's own block, so a proxy can tell an event that set an id (and must forward it) from one
-that merely inherits the last event ID buffer (`Parser.last_event_id`).
+that merely inherits the last event ID buffer.
+
+`Parser.last_event_id` is the spec's "last event ID string" (what a client sends as
+``Last-Event-ID`` when it reconnects): an ``id`` line only sets the private buffer, and the
+buffer is committed at the block's blank line (dispatch step 1, which runs even when no event
+is dispatched). An id inside a block cut off by the end of the stream is therefore never
+committed, so a reconnect resumes before that lost event, not after it.
 
 Invariants the rest of the gateway relies on: `Parser.feed` never raises, whatever the bytes
 and however they are split, and splitting never changes the result; between calls the parser's
@@ -118,7 +124,8 @@ class Parser:
 
     The parser may be reused after `close` for the next connection of the same logical stream
     (a reconnect): `last_event_id` and `retry_ms` carry over, everything else starts afresh,
-    including BOM stripping.
+    including BOM stripping. The next stream's id buffer starts from `last_event_id`, as
+    browsers do, so events without an id line keep the id they would have had.
     """
 
     __slots__ = (
@@ -129,6 +136,7 @@ class Parser:
         "_data_size",
         "_discarding",
         "_event_type",
+        "_id_buffer",
         "_max_event_bytes",
         "_max_line_bytes",
         "_oversize",
@@ -139,6 +147,7 @@ class Parser:
     )
 
     last_event_id: str
+    _id_buffer: str
     retry_ms: int | None
     oversize_events: int
     _buf: bytearray
@@ -162,8 +171,10 @@ class Parser:
             raise ValueError("SSE parser limits must not be negative")
         self._max_line_bytes = max_line_bytes
         self._max_event_bytes = max_event_bytes
-        # The spec's "last event ID buffer": survives dispatches, and reconnects via close().
+        # The spec's "last event ID string" (committed at blank lines) and "last event ID
+        # buffer" (set by id lines); both survive dispatches.
         self.last_event_id = ""
+        self._id_buffer = ""
         self.retry_ms = None
         self.oversize_events = 0
         # Holds only the current incomplete line, which never contains CR or LF; that is what
@@ -182,7 +193,11 @@ class Parser:
         self._oversize = False
 
     def close(self) -> None:
-        """End of stream: drop the unterminated line and event, keep last_event_id and retry_ms."""
+        """End of stream: drop the unterminated line and event, keep last_event_id and retry_ms.
+
+        An id line of the dropped event was never committed, so it is forgotten too.
+        """
+        self._id_buffer = self.last_event_id
         self._buf.clear()
         self._at_start = True
         self._skip_lf = False
@@ -291,6 +306,7 @@ class Parser:
         size = self._data_size
         event_type = self._event_type
         block_id = self._block_id
+        id_buffer = self._id_buffer
         oversize = self._oversize
         # `size` counts the UTF-8 bytes of the data buffer including the final LF that
         # dispatch strips, hence the + 1.
@@ -312,7 +328,7 @@ class Parser:
                             data.append(value)
                 elif name == "id":
                     if "\x00" not in value:
-                        self.last_event_id = block_id = value
+                        id_buffer = block_id = value
                 elif name == "event":
                     event_type = value
                 elif name == "retry" and value.isascii() and value.isdigit():
@@ -323,6 +339,8 @@ class Parser:
             elif line is None:
                 oversize = True
             else:
+                # Dispatch step 1: commit the id, whether or not an event follows.
+                self.last_event_id = id_buffer
                 if oversize:
                     self.oversize_events += 1
                 elif data:
@@ -336,6 +354,7 @@ class Parser:
         self._data_size = size
         self._event_type = event_type
         self._block_id = block_id
+        self._id_buffer = id_buffer
         self._oversize = oversize
         return events
 

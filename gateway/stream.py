@@ -20,7 +20,7 @@ import logging
 
 from aiohttp import web
 
-from .errors import Unavailable
+from .errors import TopicLimit, Unavailable
 from .heartbeat import HeartbeatWheel
 from .hub import Framing, Hub, Topic
 from .metrics import RouteMetrics
@@ -31,6 +31,9 @@ from .timing import Clock
 log = logging.getLogger(__name__)
 
 HEARTBEAT = encode_comment("heartbeat")
+# asyncio's and uvloop's default write high-water mark: past it aiohttp's write_eof waits for
+# the client to drain, so a stream ended with more than this queued is aborted instead.
+STALLED_BYTES = 64 * 1024
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     # no-transform: intermediaries must not compress or rewrite the stream.
@@ -95,10 +98,12 @@ class Downstream:
         if transport.is_closing():
             self.close("gone")
             return False
-        transport.write(data)
+        # The backlog is judged before this write, so a healthy client is never cut off for
+        # the size of one batch; memory per subscriber stays under the limit plus one batch.
         if transport.get_write_buffer_size() > self._limit:
             self.close("slow")
             return False
+        transport.write(data)
         return True
 
     def heartbeat(self) -> bool:
@@ -120,8 +125,9 @@ class Downstream:
         if self.outcome is not None:
             return
         self.outcome = outcome
-        if outcome == "slow":
-            # Drop what is queued: keeping it would keep the memory the limit exists to bound.
+        if outcome == "slow" or self._transport.get_write_buffer_size() > STALLED_BYTES:
+            # Drop what is queued: keeping it would keep the memory the limit exists to bound,
+            # and a clean end (write_eof) would wait on a client that is not reading.
             self._transport.abort()
         if not self.closed.done():
             self.closed.set_result(outcome)
@@ -137,6 +143,7 @@ async def serve(
     """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
     if hub.is_closing():
         raise Unavailable("shutting down", headers={"Retry-After": "1"})
+    hub.admit(target)
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away before the stream started")
@@ -166,7 +173,13 @@ async def serve(
     if hub.is_closing():  # shutdown began while the preamble was written: end the stream now
         return resp
     # No await between here and subscribe: the stream starts at an event boundary.
-    topic = hub.subscribe(target, downstream)
+    try:
+        topic = hub.subscribe(target, downstream)
+    except TopicLimit:
+        # Others filled the route while this preamble was written: end the stream; the
+        # client retries after `retry:`.
+        metrics.closed["limit"].inc()
+        return resp
     wheel.add(downstream)
     metrics.opened.inc()
     try:

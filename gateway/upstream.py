@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 
 import aiohttp
 
@@ -31,6 +32,10 @@ from .sse import Parser
 from .timing import Backoff, Clock
 
 log = logging.getLogger(__name__)
+
+# Characters an HTTP field value may not hold (RFC 9110 5.5); an upstream id containing one
+# cannot be sent back as Last-Event-ID.
+_NOT_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 _BASE_HEADERS = {
     "Accept": "text/event-stream",
@@ -74,14 +79,22 @@ class UpstreamClient:
             connect=route.upstream_connect_timeout_seconds,
             sock_read=route.upstream_idle_timeout_seconds or None,
         )
-        last_event_id = ""
-        retry_ms: int | None = None
+        # One parser for the topic's whole life: across reconnects it keeps the committed
+        # last event id (an id inside an event cut off mid-way is not committed) and `retry`.
+        parser = Parser(max_line_bytes=route.max_line_bytes, max_event_bytes=route.max_event_bytes)
         while True:
-            parser = Parser(
-                max_line_bytes=route.max_line_bytes, max_event_bytes=route.max_event_bytes
-            )
-            if last_event_id:
-                headers["Last-Event-ID"] = last_event_id
+            resume_id = parser.last_event_id
+            if resume_id and not _NOT_FIELD_VALUE.search(resume_id):
+                headers["Last-Event-ID"] = resume_id
+            else:
+                if resume_id:
+                    log.warning(
+                        "upstream %s: last event id %r cannot be sent as a header; "
+                        "reconnecting without Last-Event-ID",
+                        target.upstream_url,
+                        resume_id[:64],
+                    )
+                headers.pop("Last-Event-ID", None)
             try:
                 await self._stream(target, sink, metrics, parser, headers, timeout, backoff)
                 reason, detail = "eof", "upstream closed the stream"
@@ -89,10 +102,9 @@ class UpstreamClient:
                 reason, detail = failure.reason, failure.detail
             finally:
                 sink.set_connected(False)
-                last_event_id = parser.last_event_id or last_event_id
-                retry_ms = parser.retry_ms if parser.retry_ms is not None else retry_ms
+                parser.close()
             metrics.upstream_failures[reason].inc()
-            delay = backoff.next_delay((retry_ms or 0) / 1000)
+            delay = backoff.next_delay((parser.retry_ms or 0) / 1000)
             log.warning(
                 "upstream %s for route %s: %s; reconnecting in %.2fs",
                 target.upstream_url,
@@ -127,7 +139,7 @@ class UpstreamClient:
                 log.info(
                     "upstream %s connected for route %s", target.upstream_url, target.route.name
                 )
-                oversize = 0
+                oversize = parser.oversize_events  # cumulative over the topic's life
                 async for chunk in resp.content.iter_any():
                     events = parser.feed(chunk)
                     if parser.oversize_events != oversize:
@@ -136,11 +148,12 @@ class UpstreamClient:
                     if events:
                         sink.publish(events)
                         backoff.reset()
-                parser.close()
         except TimeoutError:
             if connected:
                 raise _Failed("timeout", "no bytes within the idle timeout") from None
             raise _Failed("connect", "connect timed out") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # ValueError: aiohttp refusing a request it cannot send (a bad header value);
+            # it must stay a failure of this attempt, never reach the hub.
             reason = "read" if connected else "connect"
             raise _Failed(reason, f"{type(exc).__name__}: {exc}") from None

@@ -107,6 +107,7 @@ def test_embedded_default_serves_the_demo() -> None:
             {"routes": [route(reconnect_initial_seconds=5, reconnect_max_seconds=1)]},
             "routes[0].reconnect_max_seconds: must not be less",
         ),
+        ({"routes": [route(max_topics=0)]}, "routes[0].max_topics: must be greater than 0"),
         ({"surprise": 1, "routes": [route()]}, "surprise: unknown key"),
         ({}, "routes: at least one [[routes]] entry is required"),
     ],
@@ -114,6 +115,19 @@ def test_embedded_default_serves_the_demo() -> None:
 def test_each_problem_names_its_key(doc: dict[str, Any], expected: str) -> None:
     found = problems(doc)
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_header_values_with_control_characters_are_refused_without_echoing_secrets() -> None:
+    found = problems({"routes": [route(upstream_headers={"X-A": "a\r\nX-Injected: 1"})]})
+    assert found == [
+        "routes[0].upstream_headers.X-A: value holds a control character (CR, LF, NUL...)"
+    ]
+    doc = {"routes": [route(upstream_headers={"Authorization": {"env": "TOKEN"}})]}
+    found = problems(doc, {"TOKEN": "s3cret\n"})
+    assert found == [
+        "routes[0].upstream_headers.Authorization: TOKEN holds a control character (CR, LF, NUL...)"
+    ]
+    assert "s3cret" not in found[0]
 
 
 def test_all_problems_are_reported_at_once() -> None:

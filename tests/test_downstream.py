@@ -73,12 +73,12 @@ async def test_heartbeats_never_split_an_event(
     gw = await make_gateway(route_doc(upstream, heartbeat_seconds=0.02))
     client = await connect(session, gw.url("/events/mixed"))
     await upstream.wait_open("mixed")
-    for i in range(10):
-        # Let a heartbeat in between every pair of events, then send a multi-line event
-        # in two upstream writes so the gateway holds half an event between reads.
+    for i in range(5):
+        # Send half an event, and hold the rest back until the subscriber has been sent a
+        # heartbeat: the gateway holds an incomplete event exactly when a heartbeat is due.
         beats = bytes(client.raw).count(HEARTBEAT)
-        await client.wait_for(lambda c, n=beats: bytes(c.raw).count(HEARTBEAT) > n)
         await upstream.send("mixed", f"id: {i}\ndata: line one\n".encode())
+        await client.wait_for(lambda c, n=beats: bytes(c.raw).count(HEARTBEAT) > n)
         await upstream.send("mixed", b"data: line two\n\n")
         await client.wait_events(i + 1)
     blocks = bytes(client.raw).split(b"\n\n")
@@ -86,7 +86,8 @@ async def test_heartbeats_never_split_an_event(
     for block in blocks[1:-1]:
         lines = block.split(b"\n")
         assert lines == [b": heartbeat"] or not any(line.startswith(b":") for line in lines), block
-    assert [e.data for e in client.events] == ["line one\nline two"] * 10
+    assert [e.data for e in client.events] == ["line one\nline two"] * 5
+    assert [e.id for e in client.events] == ["0", "1", "2", "3", "4"]
     client.close()
 
 
@@ -179,3 +180,29 @@ async def test_subscriber_sockets_have_nodelay(
     sock = sub._transport.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     client.close()
+
+
+async def test_shutdown_does_not_wait_for_a_subscriber_that_is_not_reading(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, max_unsent_bytes=64 * 1024 * 1024))
+    good = await connect(session, gw.url("/events/stall"))
+    _, stalled = await _stalled_reader(gw.port, "/events/stall")
+    await upstream.wait_open("stall")
+    await good.wait_for(lambda c: bytes(c.raw).startswith(b"retry:"))
+    (topic,) = gw.hub.topics.values()
+    for batch in range(400):  # bounded: until the stalled socket has a real backlog
+        await upstream.publish("stall", *events("stall", batch, 1, size=32 * 1024))
+        await good.wait_events(batch + 1)
+        stuck = max(topic.subscribers, key=lambda s: s._transport.get_write_buffer_size())
+        if stuck._transport.get_write_buffer_size() > 256 * 1024:
+            break
+    assert stuck._transport.get_write_buffer_size() > 256 * 1024
+    # A drain wait on the stalled client would last the whole shutdown timeout: make that
+    # 30 s, so the 10 s bound below fails if shutdown waits on it.
+    gw.runner._shutdown_timeout = 30
+    async with asyncio.timeout(10):
+        await gw.runner.cleanup()
+    await good.wait_end()
+    assert good.response.content.at_eof()
+    stalled.close()

@@ -8,12 +8,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config import from_document
+from gateway.errors import TopicLimit
 from gateway.hub import Hub, Topic, UpstreamSink
 from gateway.metrics import Metrics
 from gateway.route import RouteTable, Target
 from gateway.sse import Event
 
-from .support import FakeClock
+from .support import Changes, FakeClock
 
 
 class FakeSubscriber:
@@ -23,6 +24,7 @@ class FakeSubscriber:
         self.received: list[bytes] = []
         self.accept = accept
         self.outcome: str | None = None
+        self.changes = Changes()
 
     def send(self, data: bytes) -> bool:
         if not self.accept or self.outcome:
@@ -32,6 +34,7 @@ class FakeSubscriber:
 
     def close(self, outcome: str) -> None:
         self.outcome = self.outcome or outcome
+        self.changes.notify()
 
 
 class ScriptedUpstreams:
@@ -42,17 +45,29 @@ class ScriptedUpstreams:
         self.opened: list[str] = []
         self.cancelled: list[str] = []
         self.crash: set[str] = set()
+        self.give_up: set[str] = set()
+        self.changes = Changes()
 
     async def __call__(self, target: Target, sink: UpstreamSink) -> None:
         self.opened.append(target.topic_key)
         self.sinks[target.topic_key] = sink
+        self.changes.notify()
         if target.topic_key in self.crash:
             raise RuntimeError("boom")
+        if target.topic_key in self.give_up:
+            return
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             self.cancelled.append(target.topic_key)
+            self.changes.notify()
             raise
+
+    async def wait_opened(self, count: int = 1) -> None:
+        await self.changes.until(lambda: len(self.opened) >= count)
+
+    async def wait_cancelled(self, count: int = 1) -> None:
+        await self.changes.until(lambda: len(self.cancelled) >= count)
 
 
 def targets(*paths: str, linger: float = 5.0) -> list[Target]:
@@ -85,12 +100,6 @@ def hub(upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics) -> Hub
     return Hub(upstreams, clock, metrics)
 
 
-async def settle() -> None:
-    """Let tasks created so far run their first steps (no time passes on the virtual clock)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
 def value(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, {"route": "r", **labels}) or 0.0
 
@@ -102,8 +111,9 @@ async def test_concurrent_first_subscribers_open_one_upstream(
     subs = [FakeSubscriber() for _ in range(100)]
     for sub in subs:
         hub.subscribe(target, sub)
-    await settle()
+    await upstreams.wait_opened()
     assert upstreams.opened == [target.topic_key]
+    assert len(hub.topics) == 1
 
 
 async def test_one_encode_shared_by_every_subscriber_of_a_framing(
@@ -118,7 +128,7 @@ async def test_one_encode_shared_by_every_subscriber_of_a_framing(
     framed = [FakeSubscriber(framing=angle) for _ in range(2)]
     for sub in plain + framed:
         hub.subscribe(target, sub)
-    await settle()
+    await upstreams.wait_opened()
     upstreams.sinks[target.topic_key].publish([Event("one", id="1"), Event("two", id="2")])
     assert [s.received for s in plain] == [[b"id: 1\ndata: one\n\nid: 2\ndata: two\n\n"]] * 3
     # The very same bytes object for every subscriber: no per-subscriber copy or encode.
@@ -136,7 +146,7 @@ async def test_a_refusing_subscriber_does_not_stop_the_others(
     subs = [FakeSubscriber(), FakeSubscriber(accept=False), FakeSubscriber()]
     for sub in subs:
         hub.subscribe(target, sub)
-    await settle()
+    await upstreams.wait_opened()
     upstreams.sinks[target.topic_key].publish([Event("x")])
     assert [len(s.received) for s in subs] == [1, 0, 1]
 
@@ -147,7 +157,7 @@ async def test_event_the_encoder_refuses_is_dropped_and_counted(
     (target,) = targets("/e/a")
     sub = FakeSubscriber()
     hub.subscribe(target, sub)
-    await settle()
+    await upstreams.wait_opened()
     upstreams.sinks[target.topic_key].publish(
         [Event("ok"), Event("bad", event="a\x00b"), Event("ok2")]
     )
@@ -163,26 +173,24 @@ async def test_linger_then_close_and_a_returning_subscriber_cancels_the_linger(
     (target,) = targets("/e/a", linger=5.0)
     first = FakeSubscriber()
     topic = hub.subscribe(target, first)
-    await settle()
+    await upstreams.wait_opened()
     hub.unsubscribe(topic, first)
     clock.advance(4.9)
-    await settle()
-    assert upstreams.cancelled == []
+    assert hub.topics == {target.topic_key: topic}  # still lingering
     second = FakeSubscriber()
     assert hub.subscribe(target, second) is topic  # joined during the linger: same upstream
     clock.advance(10)
-    await settle()
-    assert upstreams.cancelled == []
+    assert hub.topics == {target.topic_key: topic}  # the linger was cancelled
     hub.unsubscribe(topic, second)
     clock.advance(5.0)
-    await settle()
-    assert upstreams.cancelled == [target.topic_key]
     assert hub.topics == {}
+    await upstreams.wait_cancelled()
+    assert upstreams.cancelled == [target.topic_key]
     assert value(metrics, "sse_gateway_topics") == 0
     assert value(metrics, "sse_gateway_subscribers") == 0
     third = FakeSubscriber()
     hub.subscribe(target, third)
-    await settle()
+    await upstreams.wait_opened(2)
     assert upstreams.opened == [target.topic_key, target.topic_key]
 
 
@@ -194,7 +202,8 @@ async def test_crashed_upstream_runner_ends_only_its_own_topic(
     victim, bystander = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(bad, victim)
     hub.subscribe(good, bystander)
-    await settle()
+    await victim.changes.until(lambda: victim.outcome is not None)
+    await upstreams.wait_opened(2)
     assert victim.outcome == "error"
     assert bystander.outcome is None
     assert list(hub.topics) == [good.topic_key]
@@ -209,7 +218,7 @@ async def test_close_ends_every_subscriber_and_upstream(
     subs = [FakeSubscriber(), FakeSubscriber()]
     hub.subscribe(a, subs[0])
     hub.subscribe(b, subs[1])
-    await settle()
+    await upstreams.wait_opened(2)
     await hub.close()
     assert [s.outcome for s in subs] == ["shutdown", "shutdown"]
     assert sorted(upstreams.cancelled) == sorted([a.topic_key, b.topic_key])
@@ -222,10 +231,37 @@ async def test_connected_state_is_counted_once(
 ) -> None:
     (target,) = targets("/e/a")
     hub.subscribe(target, FakeSubscriber())
-    await settle()
+    await upstreams.wait_opened()
     sink = upstreams.sinks[target.topic_key]
     sink.set_connected(True)
     sink.set_connected(True)
     assert value(metrics, "sse_gateway_upstream_connections") == 1
     sink.set_connected(False)
     assert value(metrics, "sse_gateway_upstream_connections") == 0
+
+
+async def test_upstream_runner_that_returns_ends_its_topic_too(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    (target,) = targets("/e/quit")
+    upstreams.give_up.add(target.topic_key)
+    sub = FakeSubscriber()
+    hub.subscribe(target, sub)
+    await sub.changes.until(lambda: sub.outcome is not None)
+    assert sub.outcome == "error"
+    assert hub.topics == {}
+
+
+async def test_topic_cap_per_route(hub: Hub, upstreams: ScriptedUpstreams) -> None:
+    doc = {"routes": [{"name": "r", "path": "/e/{t}", "upstream": "http://u/{t}", "max_topics": 2}]}
+    table = RouteTable(from_document(doc, {}).routes)
+    a, b, c = (table.resolve(p, []) for p in ("/e/a", "/e/b", "/e/c"))
+    hub.subscribe(a, FakeSubscriber())
+    hub.subscribe(b, FakeSubscriber())
+    with pytest.raises(TopicLimit):
+        hub.admit(c)
+    with pytest.raises(TopicLimit):
+        hub.subscribe(c, FakeSubscriber())
+    hub.subscribe(a, FakeSubscriber())  # joining an open topic is not limited
+    await upstreams.wait_opened(2)
+    assert sorted(hub.topics) == sorted([a.topic_key, b.topic_key])

@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "route": {"config", "errors"},
     "heartbeat": {"timing"},
-    "hub": {"metrics", "route", "sse", "timing"},
+    "hub": {"errors", "metrics", "route", "sse", "timing"},
     "upstream": {"hub", "metrics", "route", "sse", "timing"},
     "stream": {"errors", "heartbeat", "hub", "metrics", "route", "sse", "timing"},
     "policy": {"errors"},

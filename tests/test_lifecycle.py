@@ -135,3 +135,78 @@ async def test_oversize_upstream_event_is_dropped_counted_and_the_stream_goes_on
     assert await client.wait_events(1) == events("big", 3, 1)
     assert gw.metric("sse_gateway_events_dropped_total", route="r", reason="oversize") == 2
     client.close()
+
+
+async def test_upstream_cut_mid_event_resumes_before_that_event_and_delivers_it_once(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, reconnect_initial_seconds=0.01))
+    client = await connect(session, gw.url("/events/cut"))
+    await upstream.wait_open("cut")
+    await upstream.publish("cut", *events("cut", 1, 4))
+    await client.wait_events(4)
+    # Event 5 starts, then the connection dies before its blank line.
+    await upstream.send("cut", b"id: 5\ndata: cut 5 \n")
+    upstream.history["cut"].extend(events("cut", 5, 2))
+    await upstream.stop()
+    await upstream.start()
+    await upstream.wait_open("cut")
+    await client.wait_events(6)
+    assert upstream.connections[1].headers["Last-Event-ID"] == "4"
+    assert client.events == events("cut", 1, 6)
+    client.close()
+
+
+async def test_an_id_that_cannot_be_a_header_does_not_take_the_topic_down(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, reconnect_initial_seconds=0.01))
+    client = await connect(session, gw.url("/events/ctl"))
+    await upstream.wait_open("ctl")
+    await upstream.send("ctl", b"id: a\x01b\ndata: odd\n\n")
+    await client.wait_events(1)
+    with LogWatcher("gateway.upstream") as log:
+        await upstream.stop()
+        await upstream.start()
+        await upstream.wait_open("ctl")
+        await log.until(lambda records: any("cannot be sent as a header" in r for r in records))
+    assert "Last-Event-ID" not in upstream.connections[1].headers
+    await upstream.publish("ctl", *events("ctl", 1, 1))
+    await client.wait_events(2)
+    assert not client.ended
+    assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="error") == 0
+
+
+async def test_topic_cap_refuses_new_topics_with_503_but_serves_open_ones(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, max_topics=2))
+    a = await connect(session, gw.url("/events/a"))
+    b = await connect(session, gw.url("/events/b"))
+    async with session.get(gw.url("/events/c")) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "5"
+    assert gw.metric("sse_gateway_requests_rejected_total", reason="topic_limit") == 1
+    again = await connect(session, gw.url("/events/a"))  # an open topic still takes subscribers
+    await upstream.publish("a", *events("a", 1, 1))
+    assert await again.wait_events(1) == events("a", 1, 1)
+    assert sorted(r.match_info["topic"] for r in upstream.connections) == ["a", "b"]
+    for client in (a, b, again):
+        client.close()
+
+
+async def test_gauges_return_to_zero_when_clients_leave(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(route_doc(upstream, linger_seconds=0))
+    clients = [await connect(session, gw.url(f"/events/g{i % 2}")) for i in range(6)]
+    await upstream.wait_open("g0")
+    await upstream.wait_open("g1")
+    assert gw.metric("sse_gateway_subscribers", route="r") == 6
+    for client in clients:
+        client.close()
+    await upstream.wait_closed("g0")
+    await upstream.wait_closed("g1")
+    assert gw.metric("sse_gateway_subscribers", route="r") == 0
+    assert gw.metric("sse_gateway_topics", route="r") == 0
+    assert gw.metric("sse_gateway_upstream_connections", route="r") == 0

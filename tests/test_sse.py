@@ -287,14 +287,27 @@ def test_events_come_out_of_the_feed_that_completes_them() -> None:
 def test_close_drops_pending_and_keeps_id_and_retry() -> None:
     parser = Parser()
     parser.feed(b"retry: 300\nid: 4\ndata: a\n\nid: 5\ndata: partial\n")
+    # Before the blank line the id is only buffered: a reconnect now must resume after 4,
+    # or the cut-off event 5 would be skipped by the upstream and lost.
+    assert parser.last_event_id == "4"
     parser.close()
-    assert parser.last_event_id == "5"  # the id line was complete, so it took effect
+    assert parser.last_event_id == "4"
     assert parser.retry_ms == 300
     # The next stream (a reconnect) starts clean: the partial event is gone, a BOM is stripped.
     assert parser.feed(b"\n") == []
     parser.close()
     assert parser.feed(BOM + b"data: b\n\n") == [Event("b")]
-    assert parser.last_event_id == "5"
+    assert parser.last_event_id == "4"
+
+
+def test_id_is_committed_at_the_blank_line_even_without_data() -> None:
+    parser = Parser()
+    parser.feed(b"id: 7\n")
+    assert parser.last_event_id == ""
+    assert parser.feed(b"\n") == []
+    assert parser.last_event_id == "7"
+    parser.feed(b"id\n\n")  # an empty id resets, at its blank line
+    assert parser.last_event_id == ""
 
 
 def test_close_resets_cr_state() -> None:
