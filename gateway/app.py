@@ -21,7 +21,7 @@ from . import policy, stream
 from .config import GatewayConfig
 from .errors import GatewayError, MethodNotAllowed, Unavailable
 from .heartbeat import HeartbeatWheel
-from .hub import Hub, UpstreamFactory
+from .hub import Hub, Upstreams
 from .metrics import Metrics
 from .route import RouteTable
 from .timing import Clock, MonotonicClock
@@ -66,9 +66,9 @@ def make_app(
     *,
     metrics: Metrics | None = None,
     clock: Clock | None = None,
-    upstream_factory: UpstreamFactory | None = None,
+    upstreams: Upstreams | None = None,
 ) -> web.Application:
-    """Wire the gateway. `metrics`, `clock` and `upstream_factory` are seams for tests."""
+    """Wire the gateway. `metrics`, `clock` and `upstreams` are seams for tests."""
     metrics = metrics or Metrics()
     clock = clock or MonotonicClock()
     app = web.Application(middlewares=[error_middleware])
@@ -82,13 +82,13 @@ def make_app(
 
     async def hub_context(app: web.Application) -> AsyncIterator[None]:
         session = None
-        factory = upstream_factory
-        if factory is None:
-            # No connection cap: each topic holds exactly one long-lived connection.
+        client = upstreams
+        if client is None:
+            # No connection cap here: topics are capped per route, and each holds one connection.
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
             session = aiohttp.ClientSession(connector=connector, trust_env=False)
-            factory = UpstreamClient(session, metrics, clock)
-        app[HUB] = Hub(factory, clock, metrics)
+            client = UpstreamClient(session, metrics, clock)
+        app[HUB] = Hub(client, clock, metrics)
         yield
         await app[HUB].close()
         app[WHEEL].close()
@@ -144,6 +144,11 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         headers = policy.preflight_headers(target.route.cors_origins, origin)
         return web.Response(status=204, headers=headers)
     cors = policy.cors_headers(target.route.cors_origins, origin)
+    last_event_id = policy.client_last_event_id(
+        request.headers.get("Last-Event-ID"),
+        request.query.get("lastEventId"),
+        app[CONFIG].limits.max_last_event_id_bytes,
+    )
     if not app[LIFECYCLE].ready:
         raise Unavailable("shutting down", headers={"Retry-After": "1"})
-    return await stream.serve(request, target, app[HUB], app[WHEEL], cors)
+    return await stream.serve(request, target, app[HUB], app[WHEEL], cors, last_event_id)

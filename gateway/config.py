@@ -60,6 +60,7 @@ class RouteConfig:
     upstream_headers: tuple[UpstreamHeader, ...]
     heartbeat_seconds: float
     retry_ms: int
+    retry_max_ms: int
     linger_seconds: float
     max_unsent_bytes: int
     max_line_bytes: int
@@ -69,6 +70,12 @@ class RouteConfig:
     reconnect_initial_seconds: float
     reconnect_max_seconds: float
     max_topics: int
+    ring_events: int
+    ring_bytes: int
+    ring_seconds: float
+    upstream_resume: bool
+    max_catchups: int
+    catchup_timeout_seconds: float
     cors_origins: tuple[str, ...]
 
 
@@ -77,6 +84,18 @@ class ServerConfig:
     listen: Listen
     shutdown_timeout_seconds: float
     log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Admission limits and input bounds for the whole process (0 = no limit)."""
+
+    max_subscribers: int
+    max_subscribers_per_client: int
+    max_connections_per_second: float
+    max_last_event_id_bytes: int
+    max_header_bytes: int
+    header_timeout_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,7 @@ class DemoConfig:
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerConfig
+    limits: LimitsConfig
     metrics: MetricsConfig
     demo: DemoConfig
     routes: tuple[RouteConfig, ...]
@@ -192,7 +212,8 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 # is in the README's table of defaults, which must be kept in step with this.
 _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None], ...] = (
     ("heartbeat_seconds", float, 15.0, _non_negative),
-    ("retry_ms", int, 3000, _non_negative),
+    ("retry_ms", int, 2000, _non_negative),
+    ("retry_max_ms", int, 5000, _non_negative),
     ("linger_seconds", float, 5.0, _non_negative),
     ("max_unsent_bytes", int, 1024 * 1024, _positive),
     ("max_line_bytes", int, 64 * 1024, _positive),
@@ -202,6 +223,12 @@ _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None],
     ("reconnect_initial_seconds", float, 0.5, _positive),
     ("reconnect_max_seconds", float, 30.0, _positive),
     ("max_topics", int, 1000, _positive),
+    ("ring_events", int, 1000, _non_negative),
+    ("ring_bytes", int, 1024 * 1024, _non_negative),
+    ("ring_seconds", float, 300.0, _non_negative),
+    ("upstream_resume", bool, True, None),
+    ("max_catchups", int, 4, _non_negative),
+    ("catchup_timeout_seconds", float, 10.0, _positive),
 )
 
 
@@ -297,6 +324,8 @@ def _read_route(
             table.problem("query", f"{q!r} is not a plain parameter name")
     if options["reconnect_max_seconds"] < options["reconnect_initial_seconds"]:
         table.problem("reconnect_max_seconds", "must not be less than reconnect_initial_seconds")
+    if options["retry_ms"] and options["retry_max_ms"] < options["retry_ms"]:
+        table.problem("retry_max_ms", "must not be less than retry_ms")
     if len(table.problems) > before:
         return None
     return RouteConfig(
@@ -370,6 +399,19 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
     )
     server.finish()
 
+    limits = root.table("limits")
+    limits_config = LimitsConfig(
+        max_subscribers=limits.get("max_subscribers", int, 20000, _non_negative),
+        max_subscribers_per_client=limits.get("max_subscribers_per_client", int, 64, _non_negative),
+        max_connections_per_second=limits.get(
+            "max_connections_per_second", float, 2000.0, _non_negative
+        ),
+        max_last_event_id_bytes=limits.get("max_last_event_id_bytes", int, 1024, _positive),
+        max_header_bytes=limits.get("max_header_bytes", int, 8190, _positive),
+        header_timeout_seconds=limits.get("header_timeout_seconds", float, 10.0, _positive),
+    )
+    limits.finish()
+
     metrics = root.table("metrics")
     metrics_config = MetricsConfig(
         enabled=metrics.get("enabled", bool, True),
@@ -423,7 +465,7 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
         problems.append("routes: at least one [[routes]] entry is required")
     if problems:
         raise ConfigError(problems)
-    return GatewayConfig(server_config, metrics_config, demo_config, tuple(routes))
+    return GatewayConfig(server_config, limits_config, metrics_config, demo_config, tuple(routes))
 
 
 # --- sources ----------------------------------------------------------------
@@ -441,7 +483,7 @@ def _env_overrides(doc: dict[str, Any], environ: Mapping[str, str], problems: li
     Values are read as TOML values (`15`, `true`, `"text"`); anything that is
     not valid TOML is taken as a plain string, so `0.0.0.0:8080` needs no quotes.
     """
-    sections = ("server", "metrics", "demo", "defaults")
+    sections = ("server", "limits", "metrics", "demo", "defaults")
     for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
             continue

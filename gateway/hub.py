@@ -18,19 +18,28 @@ Invariants (DESIGN.md, "The data path"):
   the linger keeps it open.
 - Subscriber ↔ topic is many-to-many: a subscriber records the topics it is
   in (`topics`), so one stream can later follow several.
+- Resume without gap or duplicate: a subscriber arriving with a Last-Event-ID
+  gets the ring after that id and joins the live group in the same
+  synchronous step. An id the ring does not hold is fetched from the
+  upstream (`catchup`), shared per (topic, id) and capped per topic; when
+  that is impossible the subscriber gets an in-band `gap` event. A topic
+  opened by a resuming subscriber resumes its upstream from that id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from .catchup import CatchUp
 from .errors import TopicLimit
 from .metrics import Metrics, RouteMetrics
+from .ring import Ring, RingLimits
 from .route import Target
-from .sse import EncodeError, Event, encode, encode_many
+from .sse import EncodeError, Event, encode
 from .timing import Clock, Timer
 
 log = logging.getLogger(__name__)
@@ -63,37 +72,62 @@ class UpstreamSink(Protocol):
     def dropped(self, reason: str, count: int = 1) -> None: ...
 
 
-# Runs one topic's upstream until cancelled, feeding the sink. Injected by the
-# composition root so the hub never sees aiohttp.
-UpstreamFactory = Callable[[Target, UpstreamSink], Awaitable[None]]
+class Upstreams(Protocol):
+    """How the hub reaches upstreams; injected by the composition root, so no aiohttp here."""
+
+    async def stream(self, target: Target, sink: UpstreamSink, resume_from: str) -> None:
+        """Run the topic's upstream until cancelled, reconnecting by itself."""
+        ...
+
+    async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
+        """One request for the events after `last_event_id`; returns at its end or raises."""
+        ...
+
+
+def gap_event(last_event_id: str, reason: str) -> bytes:
+    """The in-band notice that events after `last_event_id` cannot be delivered.
+
+    It carries no id, so the client's lastEventId stays where it was.
+    """
+    data = json.dumps({"lastEventId": last_event_id, "reason": reason}, separators=(",", ":"))
+    return encode(Event(data, event="gap"))
 
 
 class Topic:
-    """One upstream subscription and the subscribers that share it."""
+    """One upstream subscription, its replay ring and the subscribers that share it."""
 
     __slots__ = (
+        "_catchups",
         "_groups",
         "_hub",
         "_linger",
+        "_pending",
         "_snapshot",
         "_upstream",
         "connected",
         "key",
         "last_publish",
         "metrics",
+        "ring",
         "subscribers",
         "target",
     )
 
     def __init__(self, hub: Hub, target: Target, metrics: RouteMetrics) -> None:
+        route = target.route
         self._hub = hub
         self.target = target
         self.key = target.topic_key
         self.metrics = metrics
+        self.ring = Ring(RingLimits(route.ring_events, route.ring_bytes, route.ring_seconds))
+        # Every subscriber of the topic; the live ones are also in a framing group, the
+        # ones waiting for a catch-up are in `_pending` instead.
         self.subscribers: dict[Subscriber, None] = {}
         self._groups: dict[Framing, dict[Subscriber, None]] = {}
         # Rebuilt only when membership changes, so publish iterates plain tuples.
         self._snapshot: tuple[tuple[Framing, tuple[Subscriber, ...]], ...] | None = None
+        self._catchups: dict[str, CatchUp] = {}
+        self._pending: dict[Subscriber, CatchUp] = {}
         self._upstream: asyncio.Task[None] | None = None
         self._linger: Timer | None = None
         self.connected = False
@@ -105,14 +139,21 @@ class Topic:
         if not events:
             return
         self.metrics.events_received.inc(len(events))
-        count = len(events)
-        try:
-            raw = encode_many(events)
-        except EncodeError:
-            raw, count = self._encode_valid(events)
-            if not count:
-                return
-        self.last_publish = self._hub.clock.now()
+        now = self._hub.clock.now()
+        ring = self.ring
+        parts = []
+        for event in events:
+            try:
+                data = encode(event)
+            except EncodeError:
+                self.dropped("invalid")
+                continue
+            parts.append(data)
+            ring.append(event.id, data, now)
+        if not parts:
+            return
+        raw = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.last_publish = now
         snapshot = self._snapshot
         if snapshot is None:
             snapshot = self._snapshot = tuple((f, tuple(g)) for f, g in self._groups.items())
@@ -128,18 +169,12 @@ class Topic:
             written += len(data) * group_reached
         # Counted once per batch (N at a time), never once per subscriber.
         if reached:
-            self.metrics.events_delivered.inc(count * reached)
+            self.metrics.events_delivered.inc(len(parts) * reached)
             self.metrics.bytes_written.inc(written)
-
-    def _encode_valid(self, events: Sequence[Event]) -> tuple[bytes, int]:
-        """Slow path: a batch holding an event the encoder refuses (CR/LF/NUL in a name)."""
-        parts = []
-        for event in events:
-            try:
-                parts.append(encode(event))
-            except EncodeError:
-                self.dropped("invalid")
-        return b"".join(parts), len(parts)
+        if self._catchups:
+            ids = [e.id for e in events if e.id]
+            for catchup in list(self._catchups.values()):
+                catchup.topic_published(ids)
 
     def set_connected(self, connected: bool) -> None:
         if connected != self.connected:
@@ -149,38 +184,114 @@ class Topic:
     def dropped(self, reason: str, count: int = 1) -> None:
         self.metrics.dropped[reason].inc(count)
 
-    # --- membership -------------------------------------------------------------
+    # --- joining -----------------------------------------------------------------
 
-    def _add(self, sub: Subscriber) -> None:
-        self.subscribers[sub] = None
+    def _join_live(self, sub: Subscriber) -> None:
         self._groups.setdefault(sub.framing, {})[sub] = None
         self._snapshot = None
+
+    def _send_parts(self, sub: Subscriber, parts: list[bytes]) -> None:
+        if parts:
+            sub.send(sub.framing(b"".join(parts)))
+            self.metrics.replayed_events.inc(sum(1 for p in parts if p))
+
+    def _resume(self, sub: Subscriber, last_event_id: str) -> None:
+        """Deliver what `sub` missed after `last_event_id`, then make it live (or pending)."""
+        route = self.target.route
+        replay = self.ring.after(last_event_id, self._hub.clock.now())
+        if replay is not None:
+            self.metrics.replays["hit"].inc()
+            self._send_parts(sub, replay)
+            self._join_live(sub)
+            return
+        if not route.upstream_resume:
+            self._gap(sub, [], last_event_id, "not_in_ring")
+            return
+        catchup = self._catchups.get(last_event_id)
+        if catchup is None:
+            if len(self._catchups) >= route.max_catchups:
+                self._gap(sub, [], last_event_id, "catch_up_limit")
+                return
+            catchup = CatchUp(
+                last_event_id,
+                self.ring,
+                self._hub.clock,
+                route.ring_events,
+                route.ring_bytes,
+                self._catchup_done,
+            )
+            self._catchups[last_event_id] = catchup
+            self.metrics.catchup_requests.inc()
+            target, upstreams = self.target, self._hub.upstreams
+            catchup.start(
+                lambda c: upstreams.catch_up(target, c, last_event_id),
+                route.catchup_timeout_seconds,
+            )
+        self.metrics.replays["catchup"].inc()
+        self._pending[sub] = catchup
+
+    def _gap(self, sub: Subscriber, prefix: list[bytes], last_event_id: str, reason: str) -> None:
+        self._send_parts(sub, prefix)
+        sub.send(sub.framing(gap_event(last_event_id, reason)))
+        self.metrics.gaps.inc()
+        log.info("gap for a subscriber of %s after id %r: %s", self.key, last_event_id[:64], reason)
+        self._join_live(sub)
+
+    def _catchup_done(
+        self, catchup: CatchUp, prefix: list[bytes], splice_id: str | None, reason: str
+    ) -> None:
+        if self._catchups.get(catchup.last_event_id) is catchup:
+            del self._catchups[catchup.last_event_id]
+        waiters = [s for s, c in self._pending.items() if c is catchup]
+        for sub in waiters:
+            del self._pending[sub]
+            if splice_id is None:
+                self._gap(sub, prefix, catchup.last_event_id, reason)
+                continue
+            # Splice: the fetched events up to the one the ring also holds, then the ring
+            # after it, then live, all before the next publish can run.
+            rest = self.ring.after(splice_id, self._hub.clock.now()) or []
+            self._send_parts(sub, prefix + rest)
+            self._join_live(sub)
+
+    # --- membership -------------------------------------------------------------
+
+    def _add(self, sub: Subscriber, last_event_id: str | None) -> None:
+        self.subscribers[sub] = None
         sub.topics.append(self)
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        if last_event_id:
+            self._resume(sub, last_event_id)
+        else:
+            self._join_live(sub)
 
     def _remove(self, sub: Subscriber) -> bool:
         if sub not in self.subscribers:
             return False
         del self.subscribers[sub]
-        group = self._groups[sub.framing]
-        del group[sub]
-        if not group:
-            del self._groups[sub.framing]
-        self._snapshot = None
+        group = self._groups.get(sub.framing)
+        if group is not None and sub in group:
+            del group[sub]
+            if not group:
+                del self._groups[sub.framing]
+            self._snapshot = None
+        catchup = self._pending.pop(sub, None)
+        if catchup is not None and catchup not in self._pending.values():
+            catchup.fail("catch_up_ended")  # nobody waits for it any more
         if self in sub.topics:
             sub.topics.remove(self)
         return True
 
-    def _start(self, factory: UpstreamFactory) -> None:
+    def _start(self, upstreams: Upstreams, resume_from: str) -> None:
         self._upstream = asyncio.create_task(
-            self._run_upstream(factory), name=f"upstream {self.key}"
+            self._run_upstream(upstreams, resume_from), name=f"upstream {self.key}"
         )
 
-    async def _run_upstream(self, factory: UpstreamFactory) -> None:
+    async def _run_upstream(self, upstreams: Upstreams, resume_from: str) -> None:
         try:
-            await factory(self.target, self)
+            await upstreams.stream(self.target, self, resume_from)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -195,20 +306,27 @@ class Topic:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        tasks = [c.task for c in self._catchups.values() if c.task is not None]
+        for catchup in list(self._catchups.values()):
+            catchup.done = True  # ended with the topic: no splice, no gap
+        self._catchups.clear()
         task, self._upstream = self._upstream, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if task is not None:
+            tasks.append(task)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         self.set_connected(False)
 
 
 class Hub:
     """All topics of one process."""
 
-    def __init__(self, upstream_factory: UpstreamFactory, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, upstreams: Upstreams, clock: Clock, metrics: Metrics) -> None:
         self.clock = clock
         self.metrics = metrics
-        self._factory = upstream_factory
+        self.upstreams = upstreams
         self._topics: dict[str, Topic] = {}
         self._route_topics: dict[str, int] = {}
         self._stopping: set[asyncio.Task[None]] = set()
@@ -237,21 +355,27 @@ class Hub:
                 headers={"Retry-After": "5"},
             )
 
-    def subscribe(self, target: Target, sub: Subscriber) -> Topic:
-        """Add `sub` to the target's topic, opening the topic's upstream if it is new."""
+    def subscribe(self, target: Target, sub: Subscriber, last_event_id: str | None = None) -> Topic:
+        """Add `sub` to the target's topic (opening it if new), resuming after `last_event_id`."""
         if self._closing:
             raise RuntimeError("hub is closing")
         self.admit(target)
         topic = self._topics.get(target.topic_key)
         if topic is None:
-            route = target.route.name
-            rm = self.metrics.route(route)
+            route = target.route
+            rm = self.metrics.route(route.name)
             topic = self._topics[target.topic_key] = Topic(self, target, rm)
-            self._route_topics[route] = self._route_topics.get(route, 0) + 1
+            self._route_topics[route.name] = self._route_topics.get(route.name, 0) + 1
             rm.topics.inc()
-            topic._start(self._factory)
-        topic._add(sub)
+            resume_from = ""
+            if last_event_id and route.upstream_resume:
+                # Reconnecting clients (after a gateway restart, say) open the topic: resume
+                # the upstream from their id, and let others holding that id replay from it.
+                resume_from = last_event_id
+                topic.ring.anchor(last_event_id, self.clock.now())
+            topic._start(self.upstreams, resume_from)
         topic.metrics.subscribers.inc()
+        topic._add(sub, last_event_id)
         return topic
 
     def unsubscribe(self, topic: Topic, sub: Subscriber) -> None:
@@ -280,6 +404,13 @@ class Hub:
         task = asyncio.create_task(topic._stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+
+    def close_route_topics(self, keep: Callable[[Target], bool], outcome: str) -> int:
+        """End every topic whose target `keep` rejects (a reload changed its route)."""
+        closing = [t for t in self._topics.values() if not keep(t.target)]
+        for topic in closing:
+            self._close_topic(topic, outcome)
+        return len(closing)
 
     async def close(self) -> None:
         """Shutdown: end every subscriber's stream and close every upstream."""

@@ -22,6 +22,8 @@ OUTCOMES = ("normal", "slow", "gone", "shutdown", "error", "limit")
 UPSTREAM_FAILURES = ("connect", "status", "content_type", "read", "timeout", "eof")
 # Why an event was not delivered; the `reason` label of events_dropped_total.
 DROP_REASONS = ("oversize", "invalid")
+# How a subscriber arriving with a Last-Event-ID was served.
+REPLAY_OUTCOMES = ("hit", "catchup")
 # Why a request was refused before it became a subscriber.
 REJECT_REASONS = (
     "not_found",
@@ -108,6 +110,31 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.replays = Counter(
+            "sse_gateway_replays_total",
+            "Subscribers that arrived with a Last-Event-ID, by how they were served: "
+            "hit (from the ring) or catchup (waited for an upstream catch-up).",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.replayed_events = Counter(
+            "sse_gateway_replayed_events_total",
+            "Events written to resuming subscribers from the ring or a catch-up.",
+            ["route"],
+            registry=r,
+        )
+        self.catchup_requests = Counter(
+            "sse_gateway_catchup_requests_total",
+            "Upstream catch-up requests (one per topic and Last-Event-ID, shared).",
+            ["route"],
+            registry=r,
+        )
+        self.gaps = Counter(
+            "sse_gateway_gaps_total",
+            "Gap events sent: a subscriber's missed events could not be delivered.",
+            ["route"],
+            registry=r,
+        )
         self.requests_rejected = Counter(
             "sse_gateway_requests_rejected_total",
             "Requests refused before streaming, by reason.",
@@ -130,12 +157,16 @@ class RouteMetrics:
 
     __slots__ = (
         "bytes_written",
+        "catchup_requests",
         "closed",
         "dropped",
         "events_delivered",
         "events_received",
+        "gaps",
         "heartbeats",
         "opened",
+        "replayed_events",
+        "replays",
         "subscribers",
         "topics",
         "upstream_connects",
@@ -158,3 +189,7 @@ class RouteMetrics:
         self.dropped = {r: m.events_dropped.labels(route, r) for r in DROP_REASONS}
         self.heartbeats = m.heartbeats.labels(route)
         self.bytes_written = m.bytes_written.labels(route)
+        self.replays = {o: m.replays.labels(route, o) for o in REPLAY_OUTCOMES}
+        self.replayed_events = m.replayed_events.labels(route)
+        self.catchup_requests = m.catchup_requests.labels(route)
+        self.gaps = m.gaps.labels(route)

@@ -1,4 +1,4 @@
-"""Request policy as pure decisions: CORS for now (authorization and limits build on this).
+"""Request policy as pure decisions: CORS and the client's Last-Event-ID (limits build on this).
 
 CORS rules (Fetch standard): with an origin allow-list the exact request
 origin is echoed and `Vary: Origin` is always sent, so a shared cache never
@@ -10,7 +10,13 @@ origin is refused with 403 before any upstream is contacted.
 
 from __future__ import annotations
 
-from .errors import Forbidden
+import re
+
+from .errors import BadRequest, Forbidden
+
+# What an id may not hold: the encoder refuses CR/LF/NUL, and other controls cannot be
+# sent back to an upstream as a header value.
+_BAD_ID = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 PREFLIGHT_MAX_AGE_SECONDS = 600
 # The headers EventSource polyfills and fetch-based clients send on a stream request.
@@ -39,3 +45,16 @@ def preflight_headers(allowed: tuple[str, ...], origin: str | None) -> dict[str,
         "Access-Control-Allow-Headers": PREFLIGHT_ALLOW_HEADERS,
         "Access-Control-Max-Age": str(PREFLIGHT_MAX_AGE_SECONDS),
     }
+
+
+def client_last_event_id(header: str | None, query: str | None, max_bytes: int) -> str | None:
+    """The id a client resumes from: the Last-Event-ID header (EventSource sends it on
+    reconnect) or else a `lastEventId` query parameter (for a first connection)."""
+    value = header if header is not None else query
+    if not value:
+        return None
+    if len(value.encode()) > max_bytes:
+        raise BadRequest(f"Last-Event-ID is longer than {max_bytes} bytes")
+    if _BAD_ID.search(value):
+        raise BadRequest("Last-Event-ID holds a control character")
+    return value

@@ -166,15 +166,17 @@ class Parser:
         *,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        last_event_id: str = "",
     ) -> None:
+        """`last_event_id` starts the stream as if that id had been received (a resume)."""
         if max_line_bytes < 0 or max_event_bytes < 0:
             raise ValueError("SSE parser limits must not be negative")
         self._max_line_bytes = max_line_bytes
         self._max_event_bytes = max_event_bytes
         # The spec's "last event ID string" (committed at blank lines) and "last event ID
         # buffer" (set by id lines); both survive dispatches.
-        self.last_event_id = ""
-        self._id_buffer = ""
+        self.last_event_id = last_event_id
+        self._id_buffer = last_event_id
         self.retry_ms = None
         self.oversize_events = 0
         # Holds only the current incomplete line, which never contains CR or LF; that is what

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 from aiohttp import web
 
@@ -139,6 +140,7 @@ async def serve(
     hub: Hub,
     wheel: HeartbeatWheel,
     extra_headers: dict[str, str],
+    last_event_id: str | None,
 ) -> web.StreamResponse:
     """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
     if hub.is_closing():
@@ -157,7 +159,12 @@ async def serve(
         # Explicit, so the framing below is our decision, not an inference.
         resp.enable_chunked_encoding()
     await resp.prepare(request)
-    preamble = encode_retry(route.retry_ms) if route.retry_ms else encode_comment("ok")
+    # Drawn per connection, so clients cut off together come back spread over the range.
+    preamble = (
+        encode_retry(random.randint(route.retry_ms, route.retry_max_ms))
+        if route.retry_ms
+        else encode_comment("ok")
+    )
     # Through aiohttp so the buffered headers and the preamble leave in one write, now.
     await resp.write(preamble)
     framing = chunked if resp.chunked else identity
@@ -174,7 +181,7 @@ async def serve(
         return resp
     # No await between here and subscribe: the stream starts at an event boundary.
     try:
-        topic = hub.subscribe(target, downstream)
+        topic = hub.subscribe(target, downstream, last_event_id)
     except TopicLimit:
         # Others filled the route while this preamble was written: end the stream; the
         # client retries after `retry:`.

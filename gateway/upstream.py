@@ -1,12 +1,14 @@
 """The upstream side: one long-lived GET per topic, parsed as bytes arrive.
 
-`UpstreamClient` is the hub's upstream factory. For each topic it connects,
+`UpstreamClient` is how the hub reaches upstreams. For each topic it connects,
 checks the response (2xx and `text/event-stream`, else a logged reason),
 feeds every chunk to a fresh `sse.Parser` as soon as it arrives and publishes
 the events of that read as one batch. When the stream ends or fails it
 reconnects after a jittered exponential backoff, never sooner than the
 upstream's `retry:`, and resumes with `Last-Event-ID`. Failures stay inside
 the topic's own task: nothing here raises into the hub except cancellation.
+`catch_up` is the same request made once, for the events after a client's
+Last-Event-ID; it ends when the hub has what it needs or the stream ends.
 
 Choices that matter for streams:
 - `ClientTimeout(total=None)`: aiohttp's default 5-minute total would cut
@@ -66,22 +68,21 @@ class UpstreamClient:
         self._clock = clock
         self._rng = rng or random.Random()
 
-    async def __call__(self, target: Target, sink: UpstreamSink) -> None:
+    async def stream(self, target: Target, sink: UpstreamSink, resume_from: str) -> None:
         route = target.route
         metrics = self._metrics.route(route.name)
         backoff = Backoff(
             route.reconnect_initial_seconds, route.reconnect_max_seconds, rng=self._rng
         )
-        headers = dict(_BASE_HEADERS)
-        headers.update((h.name, h.value) for h in route.upstream_headers)
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=route.upstream_connect_timeout_seconds,
-            sock_read=route.upstream_idle_timeout_seconds or None,
-        )
+        headers = _request_headers(target)
+        timeout = _timeout(target)
         # One parser for the topic's whole life: across reconnects it keeps the committed
         # last event id (an id inside an event cut off mid-way is not committed) and `retry`.
-        parser = Parser(max_line_bytes=route.max_line_bytes, max_event_bytes=route.max_event_bytes)
+        parser = Parser(
+            max_line_bytes=route.max_line_bytes,
+            max_event_bytes=route.max_event_bytes,
+            last_event_id=resume_from,
+        )
         while True:
             resume_id = parser.last_event_id
             if resume_id and not _NOT_FIELD_VALUE.search(resume_id):
@@ -114,6 +115,22 @@ class UpstreamClient:
             )
             await self._clock.sleep(delay)
 
+    async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
+        route = target.route
+        parser = Parser(
+            max_line_bytes=route.max_line_bytes,
+            max_event_bytes=route.max_event_bytes,
+            last_event_id=last_event_id,
+        )
+        headers = _request_headers(target)
+        if not _NOT_FIELD_VALUE.search(last_event_id):
+            headers["Last-Event-ID"] = last_event_id
+        metrics = self._metrics.route(route.name)
+        try:
+            await self._stream(target, sink, metrics, parser, headers, _timeout(target), None)
+        except _Failed as failure:
+            raise RuntimeError(failure.detail) from None
+
     async def _stream(
         self,
         target: Target,
@@ -122,8 +139,9 @@ class UpstreamClient:
         parser: Parser,
         headers: dict[str, str],
         client_timeout: aiohttp.ClientTimeout,
-        backoff: Backoff,
+        backoff: Backoff | None,
     ) -> None:
+        """One request: check it, then publish each read's events until the stream ends."""
         connected = False
         try:
             async with self._session.get(
@@ -134,11 +152,14 @@ class UpstreamClient:
                 if resp.content_type != "text/event-stream":
                     raise _Failed("content_type", f"content type {resp.content_type!r}")
                 connected = True
-                metrics.upstream_connects.inc()
                 sink.set_connected(True)
-                log.info(
-                    "upstream %s connected for route %s", target.upstream_url, target.route.name
-                )
+                if backoff is not None:  # the topic's own stream, not a catch-up
+                    metrics.upstream_connects.inc()
+                    log.info(
+                        "upstream %s connected for route %s",
+                        target.upstream_url,
+                        target.route.name,
+                    )
                 oversize = parser.oversize_events  # cumulative over the topic's life
                 async for chunk in resp.content.iter_any():
                     events = parser.feed(chunk)
@@ -147,7 +168,8 @@ class UpstreamClient:
                         oversize = parser.oversize_events
                     if events:
                         sink.publish(events)
-                        backoff.reset()
+                        if backoff is not None:
+                            backoff.reset()
         except TimeoutError:
             if connected:
                 raise _Failed("timeout", "no bytes within the idle timeout") from None
@@ -157,3 +179,18 @@ class UpstreamClient:
             # it must stay a failure of this attempt, never reach the hub.
             reason = "read" if connected else "connect"
             raise _Failed(reason, f"{type(exc).__name__}: {exc}") from None
+
+
+def _request_headers(target: Target) -> dict[str, str]:
+    headers = dict(_BASE_HEADERS)
+    headers.update((h.name, h.value) for h in target.route.upstream_headers)
+    return headers
+
+
+def _timeout(target: Target) -> aiohttp.ClientTimeout:
+    route = target.route
+    return aiohttp.ClientTimeout(
+        total=None,
+        connect=route.upstream_connect_timeout_seconds,
+        sock_read=route.upstream_idle_timeout_seconds or None,
+    )

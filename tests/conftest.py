@@ -58,7 +58,14 @@ class Gateway:
 
 
 def route_doc(upstream: Upstream, **options: Any) -> dict[str, Any]:
-    route = {"name": "r", "path": "/events/{topic}", "upstream": upstream.url()}
+    # A fixed retry so tests can assert exact bytes; production draws from a range.
+    route = {
+        "name": "r",
+        "path": "/events/{topic}",
+        "upstream": upstream.url(),
+        "retry_ms": 3000,
+        "retry_max_ms": 3000,
+    }
     route.update(options)
     return route
 

@@ -67,7 +67,7 @@ async def test_topics_are_separate_upstreams(
 async def test_response_headers_and_preamble_are_flushed_before_any_event(
     upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
 ) -> None:
-    gw = await make_gateway(route_doc(upstream, retry_ms=2500))
+    gw = await make_gateway(route_doc(upstream, retry_ms=2500, retry_max_ms=2500))
     client = await connect(session, gw.url("/events/h"))
     headers = client.response.headers
     assert headers["Content-Type"] == "text/event-stream; charset=utf-8"

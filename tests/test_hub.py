@@ -38,7 +38,7 @@ class FakeSubscriber:
 
 
 class ScriptedUpstreams:
-    """The factory: records each opened topic's sink; runs until cancelled."""
+    """Records each opened topic's sink and runs until cancelled; catch-ups are scripted."""
 
     def __init__(self) -> None:
         self.sinks: dict[str, UpstreamSink] = {}
@@ -46,9 +46,14 @@ class ScriptedUpstreams:
         self.cancelled: list[str] = []
         self.crash: set[str] = set()
         self.give_up: set[str] = set()
+        self.resumed_from: list[str] = []
+        # Catch-ups: the test feeds each through its sink; `catchup_end` ends them.
+        self.catchups: list[tuple[str, UpstreamSink]] = []
+        self.catchup_end: asyncio.Event = asyncio.Event()
         self.changes = Changes()
 
-    async def __call__(self, target: Target, sink: UpstreamSink) -> None:
+    async def stream(self, target: Target, sink: UpstreamSink, resume_from: str) -> None:
+        self.resumed_from.append(resume_from)
         self.opened.append(target.topic_key)
         self.sinks[target.topic_key] = sink
         self.changes.notify()
@@ -62,6 +67,14 @@ class ScriptedUpstreams:
             self.cancelled.append(target.topic_key)
             self.changes.notify()
             raise
+
+    async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
+        self.catchups.append((last_event_id, sink))
+        self.changes.notify()
+        await self.catchup_end.wait()
+
+    async def wait_catchups(self, count: int = 1) -> None:
+        await self.changes.until(lambda: len(self.catchups) >= count)
 
     async def wait_opened(self, count: int = 1) -> None:
         await self.changes.until(lambda: len(self.opened) >= count)
