@@ -12,7 +12,8 @@ live stream, with no await in between, so nothing is missed or repeated.
 If the catch-up cannot reach the ring (the upstream refuses, the stream
 ends, the timeout passes, or the buffer would outgrow the ring's bounds),
 its waiters get what was fetched, then an in-band `gap` event, then live
-events: a gap is reported, never silent.
+events: a gap is reported, never silent. The buffer is bounded by the
+route's `catchup_max_bytes`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ class CatchUp:
         "_clock",
         "_ids",
         "_limit_bytes",
-        "_limit_events",
         "_on_done",
         "_ring",
         "_timer",
@@ -54,14 +54,12 @@ class CatchUp:
         last_event_id: str,
         ring: Ring,
         clock: Clock,
-        limit_events: int,
         limit_bytes: int,
         on_done: Callable[[CatchUp, list[bytes], str | None, str], None],
     ) -> None:
         self.last_event_id = last_event_id
         self._ring = ring
         self._clock = clock
-        self._limit_events = limit_events
         self._limit_bytes = limit_bytes
         # on_done(catch-up, prefix bytes, splice id or None, reason)
         self._on_done = on_done
@@ -90,7 +88,7 @@ class CatchUp:
                 if self._ring.has(event.id, now):
                     self._splice(event.id)
                     return
-            if len(self._buffer) > self._limit_events or self._buffer_bytes > self._limit_bytes:
+            if self._buffer_bytes > self._limit_bytes:
                 self.fail("catch_up_overflow")
                 return
 

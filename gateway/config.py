@@ -76,6 +76,7 @@ class RouteConfig:
     upstream_resume: bool
     max_catchups: int
     catchup_timeout_seconds: float
+    catchup_max_bytes: int
     cors_origins: tuple[str, ...]
 
 
@@ -229,6 +230,7 @@ _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None],
     ("upstream_resume", bool, True, None),
     ("max_catchups", int, 4, _non_negative),
     ("catchup_timeout_seconds", float, 10.0, _positive),
+    ("catchup_max_bytes", int, 4 * 1024 * 1024, _positive),
 )
 
 

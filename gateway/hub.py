@@ -216,8 +216,7 @@ class Topic:
                 last_event_id,
                 self.ring,
                 self._hub.clock,
-                route.ring_events,
-                route.ring_bytes,
+                route.catchup_max_bytes,
                 self._catchup_done,
             )
             self._catchups[last_event_id] = catchup

@@ -77,14 +77,14 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 async def make_gateway() -> AsyncIterator[GatewayFactory]:
     runners: list[web.AppRunner] = []
 
-    async def start(*routes: dict[str, Any], **sections: Any) -> Gateway:
+    async def start(*routes: dict[str, Any], port: int = 0, **sections: Any) -> Gateway:
         doc = {"routes": list(routes), **sections}
         config = from_document(doc, {})
         registry = CollectorRegistry()
         app = make_app(config, metrics=Metrics(registry))
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
         runners.append(runner)
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

@@ -270,3 +270,71 @@ class _FakeTimer:
 
 
 __all__ = ["Client", "FakeClock", "Upstream", "connect", "encode", "events", "raw_request"]
+
+
+class Publisher:
+    """Publishes `count` numbered events to a topic, one every `interval` seconds (bounded)."""
+
+    def __init__(self, upstream: Upstream, topic: str, count: int, interval: float = 0.005) -> None:
+        self.upstream, self.topic, self.count, self.interval = upstream, topic, count, interval
+        self.sent = 0
+        self.changes = Changes()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> Publisher:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        for i in range(1, self.count + 1):
+            await self.upstream.publish(self.topic, *events(self.topic, i, 1))
+            self.sent = i
+            self.changes.notify()
+            await asyncio.sleep(self.interval)  # pacing the load, not synchronising
+
+    async def wait_sent(self, count: int, timeout: float = 10) -> None:
+        await self.changes.until(lambda: self.sent >= count, timeout)
+
+
+class ResumingClient:
+    """Reconnects like EventSource: with Last-Event-ID, after a short pause, until told to stop."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session, self.url = session, url
+        self.parser = Parser()
+        self.events: list[Event] = []
+        self.connects = 0
+        self.changes = Changes()
+        self.current: aiohttp.ClientResponse | None = None
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        for _ in range(200):  # bounded reconnects
+            headers = {}
+            if self.parser.last_event_id:
+                headers["Last-Event-ID"] = self.parser.last_event_id
+            try:
+                async with self.session.get(self.url, headers=headers) as resp:
+                    if resp.status == 200:
+                        self.connects += 1
+                        self.current = resp
+                        self.changes.notify()
+                        async for chunk in resp.content.iter_any():
+                            self.events.extend(self.parser.feed(chunk))
+                            self.changes.notify()
+            except (aiohttp.ClientError, ConnectionError):
+                pass
+            self.parser.close()
+            await asyncio.sleep(0.02)  # EventSource's reconnection delay, shortened
+
+    def drop(self) -> None:
+        """Cut the current connection, as a flaky network would."""
+        if self.current is not None:
+            self.current.close()
+
+    async def wait_events(self, count: int, timeout: float = 10) -> None:
+        await self.changes.until(lambda: len(self.events) >= count, timeout)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)

@@ -30,6 +30,7 @@ class FakeSubscriber:
         if not self.accept or self.outcome:
             return False
         self.received.append(data)
+        self.changes.notify()
         return True
 
     def close(self, outcome: str) -> None:

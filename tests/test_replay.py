@@ -1,0 +1,220 @@
+"""Replay, catch-up and gaps in the hub: scripted upstreams, a virtual clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.config import from_document
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.route import RouteTable, Target
+from gateway.sse import Event, Parser
+
+from .support import FakeClock
+from .test_hub import FakeSubscriber, ScriptedUpstreams
+
+
+def target(**route: Any) -> Target:
+    doc = {"routes": [{"name": "r", "path": "/e/{t}", "upstream": "http://u/{t}", **route}]}
+    return RouteTable(from_document(doc, {}).routes).resolve("/e/a", [])
+
+
+def numbered(first: int, count: int) -> list[Event]:
+    return [Event(f"e{i}", id=str(i)) for i in range(first, first + count)]
+
+
+def received(sub: FakeSubscriber) -> list[Event]:
+    parser = Parser()
+    return [e for chunk in sub.received for e in parser.feed(chunk)]
+
+
+def ids(sub: FakeSubscriber) -> list[str | None]:
+    return [e.id for e in received(sub)]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def upstreams() -> ScriptedUpstreams:
+    return ScriptedUpstreams()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+def hub(upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics) -> Hub:
+    return Hub(upstreams, clock, metrics)
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"route": "r", **labels}) or 0.0
+
+
+async def test_replay_from_the_ring_then_live_in_one_write(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.publish(numbered(1, 5))
+    late = FakeSubscriber()
+    hub.subscribe(t, late, "3")
+    assert len(late.received) == 1  # the replay is one write
+    sink.publish(numbered(6, 1))
+    assert ids(late) == ["4", "5", "6"]
+    assert value(metrics, "sse_gateway_replays_total", outcome="hit") == 1
+    assert value(metrics, "sse_gateway_replayed_events_total") == 2
+
+
+async def test_ring_is_bounded_by_count_bytes_and_age(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    t = target(ring_events=3, upstream_resume=False)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.publish(numbered(1, 5))
+    topic = hub.topics[t.topic_key]
+    assert len(topic.ring) == 3
+    assert topic.ring.after("2", clock.now()) is None
+    assert topic.ring.after("3", clock.now()) is not None
+
+    t2 = target(ring_bytes=40, upstream_resume=False)
+    t2 = Target(t2.route, t2.upstream_url + "2", t2.topic_key + "2")
+    hub.subscribe(t2, FakeSubscriber())
+    await upstreams.wait_opened(2)
+    upstreams.sinks[t2.topic_key].publish(numbered(1, 5))  # 15 bytes each
+    assert hub.topics[t2.topic_key].ring.size_bytes <= 40
+
+    t3 = target(ring_seconds=10, upstream_resume=False)
+    t3 = Target(t3.route, t3.upstream_url + "3", t3.topic_key + "3")
+    hub.subscribe(t3, FakeSubscriber())
+    await upstreams.wait_opened(3)
+    upstreams.sinks[t3.topic_key].publish(numbered(1, 2))
+    clock.advance(11)
+    assert not hub.topics[t3.topic_key].ring.has("2", clock.now())
+
+
+async def test_unknown_id_without_upstream_resume_gets_a_gap_event(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t = target(upstream_resume=False)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "old")
+    upstreams.sinks[t.topic_key].publish(numbered(1, 1))
+    events = received(sub)
+    assert events[0].event == "gap"
+    assert events[0].id is None  # leaves the client's lastEventId alone
+    assert json.loads(events[0].data) == {"lastEventId": "old", "reason": "not_in_ring"}
+    assert ids(sub) == [None, "1"]
+    assert value(metrics, "sse_gateway_gaps_total") == 1
+    assert upstreams.catchups == []
+
+
+async def test_catch_up_splices_at_the_first_id_the_ring_holds(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t = target(ring_events=3)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.publish(numbered(1, 5))  # the ring keeps 3, 4 and 5
+    sub, same = FakeSubscriber(), FakeSubscriber()
+    hub.subscribe(t, sub, "1")
+    hub.subscribe(t, same, "1")
+    await upstreams.wait_catchups()
+    sink.publish(numbered(6, 1))  # live while catching up: held for the splice; ring: 4 5 6
+    assert sub.received == []
+    last_id, catchup = upstreams.catchups[0]
+    assert last_id == "1"
+    catchup.publish(numbered(2, 2))  # not in the ring: buffered
+    catchup.publish(numbered(4, 3))  # 4 is in the ring: splice there
+    sink.publish(numbered(7, 1))
+    for s in (sub, same):
+        assert ids(s) == ["2", "3", "4", "5", "6", "7"]
+    assert len(upstreams.catchups) == 1  # shared by both subscribers
+    assert value(metrics, "sse_gateway_catchup_requests_total") == 1
+    assert value(metrics, "sse_gateway_replays_total", outcome="catchup") == 2
+
+
+async def test_catch_up_ahead_of_the_topic_splices_when_the_topic_catches_up(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.publish(numbered(1, 2))
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "9")  # an id this gateway has not seen yet (another replica's)
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(10, 1))
+    assert sub.received == []
+    sink.publish(numbered(3, 8))  # the topic reaches 10
+    sink.publish(numbered(11, 1))
+    assert ids(sub) == ["10", "11"]
+
+
+async def test_catch_up_that_ends_without_reaching_the_ring_reports_a_gap(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    upstreams.sinks[t.topic_key].publish(numbered(50, 1))
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "1")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(2, 2))
+    upstreams.catchup_end.set()  # the upstream's catch-up stream ends short of the ring
+    await sub.changes.until(lambda: len(received(sub)) >= 3)
+    events = received(sub)
+    assert [e.id for e in events[:2]] == ["2", "3"]
+    assert events[2].event == "gap"
+    assert json.loads(events[2].data)["reason"] == "catch_up_ended"
+    assert value(metrics, "sse_gateway_gaps_total") == 1
+
+
+async def test_catch_up_timeout_and_cap(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    t = target(max_catchups=1, catchup_timeout_seconds=3)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    upstreams.sinks[t.topic_key].publish(numbered(50, 1))
+    first, second = FakeSubscriber(), FakeSubscriber()
+    hub.subscribe(t, first, "1")
+    hub.subscribe(t, second, "2")  # a second distinct id: over the cap
+    assert json.loads(received(second)[0].data)["reason"] == "catch_up_limit"
+    await upstreams.wait_catchups()
+    clock.advance(3)
+    assert json.loads(received(first)[0].data)["reason"] == "catch_up_timeout"
+    upstreams.sinks[t.topic_key].publish(numbered(51, 1))
+    assert ids(first)[-1] == "51"
+
+
+async def test_topic_opened_by_a_resuming_client_resumes_its_upstream_from_that_id(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    clients = [FakeSubscriber() for _ in range(100)]
+    for client in clients:
+        hub.subscribe(t, client, "41")  # a gateway restart: everyone comes back with 41
+    await upstreams.wait_opened()
+    assert upstreams.resumed_from == ["41"]
+    upstreams.sinks[t.topic_key].publish(numbered(42, 2))
+    assert all(ids(c) == ["42", "43"] for c in clients)
+    assert upstreams.catchups == []  # the anchor served them all
