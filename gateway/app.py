@@ -15,6 +15,7 @@ from importlib import resources
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import policy, stream
@@ -43,8 +44,11 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 HUB = web.AppKey("hub", Hub)
 WHEEL = web.AppKey("wheel", HeartbeatWheel)
 ROUTES = web.AppKey("routes", RouteTable)
+ADMISSION = web.AppKey("admission", policy.Admission)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Marks a request whose refusal the middleware already counted and logged.
+_COUNTED = web.RequestKey("sse_gateway_counted", bool)
 
 
 @web.middleware
@@ -53,12 +57,50 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as exc:
+        request[_COUNTED] = True
         request.app[METRICS].requests_rejected.labels(exc.reason).inc()
         # %r of the raw target: a decoded %0D%0A must not forge log lines.
         log.info(
             "rejected %s %r: %d %s", request.method, request.raw_path[:200], exc.status, exc.message
         )
         return web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
+
+
+class RejectionLog(AbstractAccessLogger):
+    """Counts and logs what aiohttp refuses before any handler runs.
+
+    Garbage instead of HTTP, a header over `max_header_bytes`, a request line
+    too long: aiohttp answers 400 by itself, so the error middleware never
+    sees them. (Issue 5 turns this into the full access log.)
+    """
+
+    # Set on a per-app subclass by make_runner: aiohttp builds the logger itself.
+    metrics: Metrics
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if response.status < 400 or request.get(_COUNTED):
+            return
+        self.metrics.requests_rejected.labels("malformed").inc()
+        self.logger.info("refused a malformed request from %s: %d", request.remote, response.status)
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The runner for a gateway app, with the limits that apply before any handler runs."""
+    limits = app[CONFIG].limits
+    access_log = type("AppRejectionLog", (RejectionLog,), {"metrics": app[METRICS]})
+    return web.AppRunner(
+        app,
+        # A stream handler must learn at once that its client left.
+        handler_cancellation=True,
+        shutdown_timeout=app[CONFIG].server.shutdown_timeout_seconds,
+        # Armed when a connection opens: a client that has not sent a whole request by then
+        # (a slowloris) is closed. Streams are one per connection, so no keep-alive is lost.
+        keepalive_timeout=limits.header_timeout_seconds,
+        max_line_size=limits.max_header_bytes,
+        max_field_size=limits.max_header_bytes,
+        access_log_class=access_log,
+        access_log=logging.getLogger("gateway.access"),
+    )
 
 
 def make_app(
@@ -76,6 +118,7 @@ def make_app(
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
     app[ROUTES] = RouteTable(config.routes)
+    app[ADMISSION] = policy.Admission(config.limits, clock)
     app[WHEEL] = HeartbeatWheel(
         clock, HeartbeatWheel.tick_for([r.heartbeat_seconds for r in config.routes])
     )
@@ -151,4 +194,13 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     )
     if not app[LIFECYCLE].ready:
         raise Unavailable("shutting down", headers={"Retry-After": "1"})
-    return await stream.serve(request, target, app[HUB], app[WHEEL], cors, last_event_id)
+    admission = app[ADMISSION]
+    # The peer address: behind a proxy every client shares it, so set the per-client
+    # limit with that in mind (forwarded-for trust comes with the auth work).
+    client = request.remote or "unknown"
+    route = target.route
+    admission.enter(client, route)
+    try:
+        return await stream.serve(request, target, app[HUB], app[WHEEL], cors, last_event_id)
+    finally:
+        admission.leave(client, route)

@@ -70,6 +70,8 @@ class RouteConfig:
     reconnect_initial_seconds: float
     reconnect_max_seconds: float
     max_topics: int
+    max_subscribers: int
+    write_timeout_seconds: float
     ring_events: int
     ring_bytes: int
     ring_seconds: float
@@ -224,6 +226,8 @@ _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None],
     ("reconnect_initial_seconds", float, 0.5, _positive),
     ("reconnect_max_seconds", float, 30.0, _positive),
     ("max_topics", int, 1000, _positive),
+    ("max_subscribers", int, 0, _non_negative),
+    ("write_timeout_seconds", float, 30.0, _positive),
     ("ring_events", int, 1000, _non_negative),
     ("ring_bytes", int, 1024 * 1024, _non_negative),
     ("ring_seconds", float, 300.0, _non_negative),

@@ -54,6 +54,27 @@ class Unavailable(GatewayError):
     reason = "unavailable"
 
 
+class OverCapacity(GatewayError):
+    """The process or a route holds its maximum number of subscribers."""
+
+    status = 503
+    reason = "over_capacity"
+
+
+class ClientLimit(GatewayError):
+    """One client address holds its maximum number of streams."""
+
+    status = 429
+    reason = "client_limit"
+
+
+class RateLimited(GatewayError):
+    """New connections arrive faster than the configured rate."""
+
+    status = 429
+    reason = "rate_limit"
+
+
 class TopicLimit(GatewayError):
     """A route already has its maximum number of topics open; retrying later may succeed."""
 

@@ -32,6 +32,10 @@ REJECT_REASONS = (
     "method_not_allowed",
     "unavailable",
     "topic_limit",
+    "over_capacity",
+    "client_limit",
+    "rate_limit",
+    "malformed",
 )
 
 

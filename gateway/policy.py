@@ -10,9 +10,12 @@ origin is refused with 403 before any upstream is contacted.
 
 from __future__ import annotations
 
+import math
 import re
 
-from .errors import BadRequest, Forbidden
+from .config import LimitsConfig, RouteConfig
+from .errors import BadRequest, ClientLimit, Forbidden, OverCapacity, RateLimited
+from .timing import Clock
 
 # What an id may not hold: the encoder refuses CR/LF/NUL, and other controls cannot be
 # sent back to an upstream as a header value.
@@ -58,3 +61,77 @@ def client_last_event_id(header: str | None, query: str | None, max_bytes: int) 
     if _BAD_ID.search(value):
         raise BadRequest("Last-Event-ID holds a control character")
     return value
+
+
+class Admission:
+    """Who may start a stream now: subscriber counts and the new-connection rate.
+
+    Pure bookkeeping, no I/O. Capacity limits (the process or a route full)
+    answer 503, since another replica may have room; limits that single out
+    one client (its address holds too many streams, or connections arrive
+    faster than the configured rate) answer 429. Every refusal carries
+    Retry-After. A limit of 0 is no limit.
+    """
+
+    def __init__(self, limits: LimitsConfig, clock: Clock) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._total = 0
+        self._per_route: dict[str, int] = {}
+        self._per_client: dict[str, int] = {}
+        rate = limits.max_connections_per_second
+        self._tokens = max(1.0, rate)
+        self._refilled = clock.now()
+
+    def update(self, limits: LimitsConfig) -> None:
+        """A reload: new limits apply to new streams; counts carry over."""
+        self.limits = limits
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def enter(self, client: str, route: RouteConfig) -> None:
+        """Admit one stream or raise; the caller must `leave` exactly once after an admit."""
+        limits = self.limits
+        if limits.max_subscribers and self._total >= limits.max_subscribers:
+            raise OverCapacity("the gateway is at its subscriber limit", headers=_retry(5))
+        route_count = self._per_route.get(route.name, 0)
+        if route.max_subscribers and route_count >= route.max_subscribers:
+            raise OverCapacity(
+                f"route {route.name!r} is at its subscriber limit", headers=_retry(5)
+            )
+        client_count = self._per_client.get(client, 0)
+        per_client = limits.max_subscribers_per_client
+        if per_client and client_count >= per_client:
+            raise ClientLimit("too many streams from this address", headers=_retry(10))
+        self._take_token()
+        self._total += 1
+        self._per_route[route.name] = route_count + 1
+        self._per_client[client] = client_count + 1
+
+    def leave(self, client: str, route: RouteConfig) -> None:
+        self._total -= 1
+        self._per_route[route.name] -= 1
+        remaining = self._per_client[client] - 1
+        if remaining:
+            self._per_client[client] = remaining
+        else:
+            del self._per_client[client]  # the map holds only addresses with streams
+
+    def _take_token(self) -> None:
+        """Token bucket: `rate` connections a second, bursts up to one second's worth."""
+        rate = self.limits.max_connections_per_second
+        if not rate:
+            return
+        now = self._clock.now()
+        self._tokens = min(max(1.0, rate), self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens < 1.0:
+            wait = math.ceil((1.0 - self._tokens) / rate)
+            raise RateLimited("too many new connections; retry shortly", headers=_retry(wait))
+        self._tokens -= 1.0
+
+
+def _retry(seconds: int) -> dict[str, str]:
+    return {"Retry-After": str(max(1, seconds))}

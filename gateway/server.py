@@ -17,7 +17,7 @@ import signal
 
 from aiohttp import web
 
-from .app import LIFECYCLE, make_app
+from .app import LIFECYCLE, make_app, make_runner
 from .config import GatewayConfig, Listen
 from .demo import make_demo_app
 
@@ -42,11 +42,7 @@ def raise_fd_limit() -> int:
     return soft
 
 
-async def _start(app: web.Application, listen: Listen, shutdown_timeout: float) -> web.AppRunner:
-    # handler_cancellation: a stream handler must learn at once that its client left.
-    runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None
-    )
+async def _start(runner: web.AppRunner, listen: Listen) -> web.AppRunner:
     await runner.setup()
     site = web.TCPSite(runner, listen.host, listen.port, backlog=ACCEPT_BACKLOG, reuse_address=True)
     await site.start()
@@ -75,10 +71,13 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     demo_runner = None
     if config.demo.enabled:
         demo_app = make_demo_app(interval_seconds=config.demo.interval_seconds)
-        demo_runner = await _start(demo_app, config.demo.listen, timeout)
+        demo = web.AppRunner(
+            demo_app, handler_cancellation=True, shutdown_timeout=timeout, access_log=None
+        )
+        demo_runner = await _start(demo, config.demo.listen)
         log.info("demo backend on http://%s", config.demo.listen)
     app = make_app(config)
-    runner = await _start(app, config.server.listen, timeout)
+    runner = await _start(make_runner(app), config.server.listen)
     log.info(
         "sse-gateway listening on http://%s (%d routes)", config.server.listen, len(config.routes)
     )

@@ -57,11 +57,14 @@ class Downstream:
     """One subscriber's socket."""
 
     __slots__ = (
+        "_blocked_since",
         "_clock",
+        "_goodbye",
         "_heartbeat",
         "_limit",
         "_metrics",
         "_transport",
+        "_write_timeout",
         "closed",
         "framing",
         "heartbeat_seconds",
@@ -76,12 +79,18 @@ class Downstream:
         framing: Framing,
         *,
         max_unsent_bytes: int,
+        write_timeout_seconds: float,
         heartbeat_seconds: float,
+        goodbye: bytes,
         clock: Clock,
         metrics: RouteMetrics,
     ) -> None:
         self._transport = transport
         self._limit = max_unsent_bytes
+        self._write_timeout = write_timeout_seconds
+        self._blocked_since: float | None = None
+        # Written when the gateway ends the stream (drain, shutdown): when to come back.
+        self._goodbye = framing(goodbye) if goodbye else b""
         self._clock = clock
         self._metrics = metrics
         self._heartbeat = framing(HEARTBEAT)
@@ -101,11 +110,23 @@ class Downstream:
             return False
         # The backlog is judged before this write, so a healthy client is never cut off for
         # the size of one batch; memory per subscriber stays under the limit plus one batch.
-        if transport.get_write_buffer_size() > self._limit:
-            self.close("slow")
-            return False
+        backlog = transport.get_write_buffer_size()
+        if backlog:
+            if backlog > self._limit or self._blocked_too_long():
+                self.close("slow")
+                return False
+        elif self._blocked_since is not None:
+            self._blocked_since = None
         transport.write(data)
         return True
+
+    def _blocked_too_long(self) -> bool:
+        """True once the backlog has not drained to zero for `write_timeout_seconds`."""
+        now = self._clock.now()
+        if self._blocked_since is None:
+            self._blocked_since = now
+            return False
+        return now - self._blocked_since > self._write_timeout
 
     def heartbeat(self) -> bool:
         if not self.send(self._heartbeat):
@@ -126,10 +147,13 @@ class Downstream:
         if self.outcome is not None:
             return
         self.outcome = outcome
-        if outcome == "slow" or self._transport.get_write_buffer_size() > STALLED_BYTES:
+        transport = self._transport
+        if outcome == "slow" or transport.get_write_buffer_size() > STALLED_BYTES:
             # Drop what is queued: keeping it would keep the memory the limit exists to bound,
             # and a clean end (write_eof) would wait on a client that is not reading.
-            self._transport.abort()
+            transport.abort()
+        elif outcome in ("shutdown", "reload") and self._goodbye and not transport.is_closing():
+            transport.write(self._goodbye)
         if not self.closed.done():
             self.closed.set_result(outcome)
 
@@ -160,11 +184,10 @@ async def serve(
         resp.enable_chunked_encoding()
     await resp.prepare(request)
     # Drawn per connection, so clients cut off together come back spread over the range.
-    preamble = (
-        encode_retry(random.randint(route.retry_ms, route.retry_max_ms))
-        if route.retry_ms
-        else encode_comment("ok")
+    retry = (
+        encode_retry(random.randint(route.retry_ms, route.retry_max_ms)) if route.retry_ms else b""
     )
+    preamble = retry or encode_comment("ok")
     # Through aiohttp so the buffered headers and the preamble leave in one write, now.
     await resp.write(preamble)
     framing = chunked if resp.chunked else identity
@@ -172,7 +195,9 @@ async def serve(
         transport,
         framing,
         max_unsent_bytes=route.max_unsent_bytes,
+        write_timeout_seconds=route.write_timeout_seconds,
         heartbeat_seconds=route.heartbeat_seconds,
+        goodbye=retry,
         clock=hub.clock,
         metrics=metrics,
     )

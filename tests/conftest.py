@@ -10,7 +10,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import HUB, make_app
+from gateway.app import HUB, make_app, make_runner
 from gateway.config import GatewayConfig, from_document
 from gateway.metrics import Metrics
 
@@ -78,11 +78,16 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     runners: list[web.AppRunner] = []
 
     async def start(*routes: dict[str, Any], port: int = 0, **sections: Any) -> Gateway:
-        doc = {"routes": list(routes), **sections}
+        # Every test client is 127.0.0.1: per-address and rate limits are off unless a test
+        # sets them.
+        limits = {"max_subscribers_per_client": 0, "max_connections_per_second": 0}
+        sections.setdefault("server", {}).setdefault("shutdown_timeout_seconds", 2)
+        limits.update(sections.pop("limits", {}))
+        doc = {"routes": list(routes), "limits": limits, **sections}
         config = from_document(doc, {})
         registry = CollectorRegistry()
         app = make_app(config, metrics=Metrics(registry))
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2)
+        runner = make_runner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
         await site.start()

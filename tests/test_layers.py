@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "hub": {"catchup", "errors", "metrics", "ring", "route", "sse", "timing"},
     "upstream": {"hub", "metrics", "route", "sse", "timing"},
     "stream": {"errors", "heartbeat", "hub", "metrics", "route", "sse", "timing"},
-    "policy": {"errors"},
+    "policy": {"config", "errors", "timing"},
     "demo": {"sse"},
     "app": {
         "config",
