@@ -30,6 +30,8 @@ from .sse import encode_comment, encode_retry
 from .timing import Clock
 
 log = logging.getLogger(__name__)
+# One line per finished stream (issue 5 adds the full field set and JSON lines).
+access = logging.getLogger("gateway.access")
 
 HEARTBEAT = encode_comment("heartbeat")
 # asyncio's and uvloop's default write high-water mark: past it aiohttp's write_eof waits for
@@ -202,6 +204,7 @@ async def serve(
         metrics=metrics,
     )
     metrics.bytes_written.inc(len(preamble))
+    started = hub.clock.now()
     if hub.is_closing():  # shutdown began while the preamble was written: end the stream now
         return resp
     # No await between here and subscribe: the stream starts at an event boundary.
@@ -222,5 +225,13 @@ async def serve(
         downstream.close("gone")
         wheel.discard(downstream)
         hub.unsubscribe(topic, downstream)
-        metrics.closed[downstream.outcome or "gone"].inc()
+        outcome = downstream.outcome or "gone"
+        metrics.closed[outcome].inc()
+        access.info(
+            "stream closed: route=%s client=%s outcome=%s seconds=%.3f",
+            route.name,
+            request.remote,
+            outcome,
+            hub.clock.now() - started,
+        )
     return resp
