@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     raise_fd_limit()
-    uvloop.run(serve(config))
+    uvloop.run(serve(config, load_config=lambda: load(args)))
     return 0
 
 

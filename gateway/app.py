@@ -38,12 +38,19 @@ class Lifecycle:
     ready: bool = True
 
 
-CONFIG = web.AppKey("config", GatewayConfig)
+@dataclass(slots=True)
+class Settings:
+    """What a reload replaces. The app's own state freezes at startup, so it lives here."""
+
+    config: GatewayConfig
+    routes: RouteTable
+
+
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 HUB = web.AppKey("hub", Hub)
 WHEEL = web.AppKey("wheel", HeartbeatWheel)
-ROUTES = web.AppKey("routes", RouteTable)
+SETTINGS = web.AppKey("settings", Settings)
 ADMISSION = web.AppKey("admission", policy.Admission)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -86,13 +93,14 @@ class RejectionLog(AbstractAccessLogger):
 
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner for a gateway app, with the limits that apply before any handler runs."""
-    limits = app[CONFIG].limits
+    config = app[SETTINGS].config
+    limits = config.limits
     access_log = type("AppRejectionLog", (RejectionLog,), {"metrics": app[METRICS]})
     return web.AppRunner(
         app,
         # A stream handler must learn at once that its client left.
         handler_cancellation=True,
-        shutdown_timeout=app[CONFIG].server.shutdown_timeout_seconds,
+        shutdown_timeout=config.server.shutdown_timeout_seconds,
         # Armed when a connection opens: a client that has not sent a whole request by then
         # (a slowloris) is closed. Streams are one per connection, so no keep-alive is lost.
         keepalive_timeout=limits.header_timeout_seconds,
@@ -114,10 +122,9 @@ def make_app(
     metrics = metrics or Metrics()
     clock = clock or MonotonicClock()
     app = web.Application(middlewares=[error_middleware])
-    app[CONFIG] = config
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
-    app[ROUTES] = RouteTable(config.routes)
+    app[SETTINGS] = Settings(config, RouteTable(config.routes))
     app[ADMISSION] = policy.Admission(config.limits, clock)
     app[WHEEL] = HeartbeatWheel(
         clock, HeartbeatWheel.tick_for([r.heartbeat_seconds for r in config.routes])
@@ -181,7 +188,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     if request.method not in ("GET", "OPTIONS"):
         raise MethodNotAllowed("only GET streams", headers={"Allow": "GET, OPTIONS"})
-    target = app[ROUTES].resolve(request.raw_path, request.query.items())
+    settings = app[SETTINGS]
+    target = settings.routes.resolve(request.raw_path, request.query.items())
     origin = request.headers.get("Origin")
     if request.method == "OPTIONS":
         headers = policy.preflight_headers(target.route.cors_origins, origin)
@@ -190,7 +198,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     last_event_id = policy.client_last_event_id(
         request.headers.get("Last-Event-ID"),
         request.query.get("lastEventId"),
-        app[CONFIG].limits.max_last_event_id_bytes,
+        settings.config.limits.max_last_event_id_bytes,
     )
     if not app[LIFECYCLE].ready:
         raise Unavailable("shutting down", headers={"Retry-After": "1"})
@@ -204,3 +212,41 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         return await stream.serve(request, target, app[HUB], app[WHEEL], cors, last_event_id)
     finally:
         admission.leave(client, route)
+
+
+async def drain(app: web.Application) -> None:
+    """SIGTERM, step one: stop being ready, then end the streams in waves over the window."""
+    app[LIFECYCLE].ready = False
+    hub = app[HUB]
+    window = app[SETTINGS].config.server.drain_seconds
+    streams = sum(len(t.subscribers) for t in hub.topics.values())
+    log.info("draining: /readyz answers 503; ending %d streams over %.1fs", streams, window)
+    await hub.drain(window).wait()
+
+
+def reload(app: web.Application, new: GatewayConfig) -> None:
+    """Apply a new configuration to a running app (SIGHUP).
+
+    Routes whose settings are unchanged keep their topics and streams; topics of
+    a changed or removed route end (their clients reconnect, under the new
+    settings); limits apply to new streams. Listener addresses, the metrics path
+    and the demo need a restart.
+    """
+    settings = app[SETTINGS]
+    old = settings.config
+    if (old.server.listen, old.metrics, old.demo) != (new.server.listen, new.metrics, new.demo):
+        log.warning("reload: listen address, metrics and demo settings apply after a restart")
+    routes = {r.name: r for r in new.routes}
+    closed = app[HUB].close_route_topics(
+        lambda target: routes.get(target.route.name) == target.route, "reload"
+    )
+    settings.config = new
+    settings.routes = RouteTable(new.routes)
+    app[ADMISSION].update(new.limits)
+    unchanged = sum(1 for r in old.routes if routes.get(r.name) == r)
+    log.info(
+        "reloaded: %d routes, %d unchanged; %d topics of changed routes closed",
+        len(new.routes),
+        unchanged,
+        closed,
+    )

@@ -85,6 +85,7 @@ class RouteConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: Listen
+    drain_seconds: float
     shutdown_timeout_seconds: float
     log_level: str
 
@@ -395,6 +396,7 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
     listen = server.get("listen", str, "127.0.0.1:8080", _listen)
     server_config = ServerConfig(
         listen=_parse_listen(listen) or Listen("127.0.0.1", 8080),
+        drain_seconds=server.get("drain_seconds", float, 5.0, _non_negative),
         shutdown_timeout_seconds=server.get("shutdown_timeout_seconds", float, 10.0, _non_negative),
         log_level=server.get(
             "log_level",

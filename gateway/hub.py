@@ -29,8 +29,10 @@ Invariants (DESIGN.md, "The data path"):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -410,6 +412,38 @@ class Hub:
         for topic in closing:
             self._close_topic(topic, outcome)
         return len(closing)
+
+    def drain(self, window_seconds: float, waves: int = 20) -> asyncio.Event:
+        """End every stream over `window_seconds`, in jittered waves of random subscribers.
+
+        Scheduled at once; the returned event is set after the last wave.
+
+        So a rolling deploy does not send every client back in the same instant: each
+        one's stream ends at a different moment (with its retry hint), and they return
+        spread over the window plus their retry range.
+        """
+        done = asyncio.Event()
+        subs = [s for t in self._topics.values() for s in t.subscribers]
+        if not subs or window_seconds <= 0:
+            done.set()
+            return done
+        random.shuffle(subs)
+        slot = window_seconds / waves
+        remaining = waves
+
+        def wave(members: list[Subscriber]) -> None:
+            nonlocal remaining
+            for sub in members:
+                sub.close("shutdown")
+            remaining -= 1
+            if not remaining:
+                done.set()
+
+        for i in range(waves):
+            self.clock.call_later(
+                (i + random.random()) * slot, functools.partial(wave, subs[i::waves])
+            )
+        return done
 
     async def close(self) -> None:
         """Shutdown: end every subscriber's stream and close every upstream."""

@@ -17,7 +17,7 @@ from prometheus_client.core import REGISTRY
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Why a connection ended; the `outcome` label of connections_closed_total.
-OUTCOMES = ("normal", "slow", "gone", "shutdown", "error", "limit")
+OUTCOMES = ("normal", "slow", "gone", "shutdown", "error", "limit", "reload")
 # Why an upstream attempt failed; the `reason` label of upstream_failures_total.
 UPSTREAM_FAILURES = ("connect", "status", "content_type", "read", "timeout", "eof")
 # Why an event was not delivered; the `reason` label of events_dropped_total.

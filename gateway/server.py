@@ -1,10 +1,15 @@
-"""The process: listeners, signals and graceful shutdown.
+"""The process: listeners, signals, drain, reload and graceful shutdown.
 
-Shutdown order on SIGTERM or SIGINT: `/readyz` turns 503, the listener stops
-accepting, every stream is ended cleanly (the chunked stream is terminated,
-so clients see a normal end and reconnect elsewhere), upstreams are closed,
-and anything still running after `shutdown_timeout_seconds` is cancelled. A
-second signal while draining exits at once, as uvicorn does.
+Shutdown order on SIGTERM or SIGINT: `/readyz` turns 503 at once (the
+listener stays open so load balancers can see it), streams are ended in
+jittered waves over `drain_seconds`, each with a `retry:` hint, then the
+listener stops, any stream left is ended cleanly, upstreams are closed, and
+anything still running after `shutdown_timeout_seconds` is cancelled. So the
+process exits within drain_seconds + shutdown_timeout_seconds. A second
+signal exits at once, as uvicorn does.
+
+SIGHUP reloads the configuration from the same sources; an invalid one is
+logged and the running configuration keeps serving.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import logging
 import os
 import resource
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
-from .app import LIFECYCLE, make_app, make_runner
+from .app import drain, make_app, make_runner, reload
 from .config import GatewayConfig, Listen
 from .demo import make_demo_app
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,15 @@ async def _start(runner: web.AppRunner, listen: Listen) -> web.AppRunner:
     return runner
 
 
-async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set or a SIGTERM/SIGINT arrives, then shut down gracefully."""
+async def serve(
+    config: GatewayConfig,
+    stop: asyncio.Event | None = None,
+    load_config: Callable[[], GatewayConfig] | None = None,
+) -> None:
+    """Run until `stop` is set or a SIGTERM/SIGINT arrives, then shut down gracefully.
+
+    `load_config` reads the configuration again for SIGHUP.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -66,6 +80,22 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+
+    def on_reload() -> None:
+        if load_config is None:
+            log.warning("SIGHUP: no configuration source to reload from")
+            return
+        try:
+            new = load_config()
+        except ConfigError as exc:
+            log.error(
+                "SIGHUP: new configuration rejected, keeping the running one:\n  %s",
+                "\n  ".join(exc.problems),
+            )
+            return
+        reload(app, new)
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
 
     timeout = config.server.shutdown_timeout_seconds
     demo_runner = None
@@ -85,11 +115,11 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
         log.info("open http://%s/ to watch the demo topics", config.server.listen)
     try:
         await stop.wait()
+        await drain(app)
     finally:
-        app[LIFECYCLE].ready = False
         await runner.cleanup()
         if demo_runner is not None:
             await demo_runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         log.info("stopped")

@@ -338,3 +338,20 @@ class ResumingClient:
     async def stop(self) -> None:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+class ProcessLog:
+    """Reads a child process's output line by line; waiters are woken on each line."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[str] = []
+        self.changes = Changes()
+        self.task = asyncio.create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self.lines.append(line.decode(errors="replace").rstrip())
+            self.changes.notify()
+
+    async def until(self, text: str, timeout: float = 10) -> None:
+        await self.changes.until(lambda: any(text in line for line in self.lines), timeout)

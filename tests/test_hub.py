@@ -279,3 +279,34 @@ async def test_topic_cap_per_route(hub: Hub, upstreams: ScriptedUpstreams) -> No
     hub.subscribe(a, FakeSubscriber())  # joining an open topic is not limited
     await upstreams.wait_opened(2)
     assert sorted(hub.topics) == sorted([a.topic_key, b.topic_key])
+
+
+async def test_drain_ends_every_stream_in_waves_spread_over_the_window(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    (target,) = targets("/e/a")
+    subs = [FakeSubscriber() for _ in range(200)]
+    for sub in subs:
+        hub.subscribe(target, sub)
+    await upstreams.wait_opened()
+    closed_at: dict[FakeSubscriber, float] = {}
+    for sub in subs:
+        original = sub.close
+
+        def close(outcome: str, sub: FakeSubscriber = sub, original=original) -> None:  # type: ignore[no-untyped-def]
+            closed_at.setdefault(sub, clock.now())
+            original(outcome)
+
+        sub.close = close  # type: ignore[method-assign]
+    start = clock.now()
+    drained = hub.drain(10.0)
+    for _ in range(100):
+        clock.advance(0.1)
+    assert drained.is_set()
+    assert {s.outcome for s in subs} == {"shutdown"}
+    times = sorted(t - start for t in closed_at.values())
+    assert times[0] < 1.0
+    assert times[-1] > 9.0
+    # 20 waves: no 100 ms holds more than a tenth of the streams.
+    buckets = [int(t * 10) for t in times]
+    assert max(buckets.count(b) for b in set(buckets)) <= 20

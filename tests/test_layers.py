@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
         "timing",
         "upstream",
     },
-    "server": {"app", "config", "demo"},
+    "server": {"app", "config", "demo", "errors"},
     "__main__": {"config", "errors", "server"},
     "__init__": set(),
 }

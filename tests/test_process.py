@@ -29,6 +29,7 @@ async def gateway_process(
     args: Sequence[str], extra_env: dict[str, str] | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
+    env["SSE_GATEWAY_SERVER_DRAIN_SECONDS"] = "0.2"  # tests that time the drain set their own
     env.update(extra_env or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -1,0 +1,149 @@
+"""SIGTERM drains in waves; SIGHUP reloads. The real process, signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .support import ProcessLog, Upstream, connect, events
+from .test_process import free_port
+
+pytestmark = pytest.mark.process
+
+
+async def start(
+    args: list[str], env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, ProcessLog]:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
+    full_env.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=full_env,
+    )
+    assert proc.stdout is not None
+    log = ProcessLog(proc.stdout)
+    await log.until("listening on", 15)
+    return proc, log
+
+
+async def test_sigterm_flips_readiness_then_drains_500_streams_over_the_window(
+    upstream: Upstream,
+) -> None:
+    port = free_port()
+    env = {
+        "SSE_GATEWAY_SERVER_DRAIN_SECONDS": "2",
+        "SSE_GATEWAY_SERVER_SHUTDOWN_TIMEOUT_SECONDS": "5",
+        "SSE_GATEWAY_LIMITS_MAX_SUBSCRIBERS_PER_CLIENT": "0",
+        "SSE_GATEWAY_LIMITS_MAX_CONNECTIONS_PER_SECOND": "0",
+    }
+    args = ["--listen", f"127.0.0.1:{port}", "--path", "/e/{topic}", "--upstream", upstream.url()]
+    proc, log = await start(args, env)
+    ended: list[float] = []
+    tails: list[bytes] = []
+
+    async def follow(
+        session: aiohttp.ClientSession, opened: asyncio.Event, counter: list[int]
+    ) -> None:
+        async with session.get(f"http://127.0.0.1:{port}/e/t") as resp:
+            counter[0] += 1
+            if counter[0] == 500:
+                opened.set()
+            body = b""
+            async for chunk in resp.content.iter_any():
+                body += chunk
+            ended.append(time.monotonic())
+            tails.append(body[-40:])
+
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            opened, counter = asyncio.Event(), [0]
+            followers = [asyncio.create_task(follow(session, opened, counter)) for _ in range(500)]
+            await asyncio.wait_for(opened.wait(), 30)
+            await upstream.wait_open("t")
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):  # ask until the flip is seen (each ask is a request)
+                while True:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        if resp.status == 503:
+                            not_ready_at = time.monotonic()
+                            break
+            await asyncio.wait_for(asyncio.gather(*followers), 20)
+        assert await asyncio.wait_for(proc.wait(), 2 + 5 + 5) == 0
+        exited = time.monotonic()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert len(ended) == 500
+    # Readiness flips before the first wave (the process logs it first), and a load balancer
+    # probing during the drain sees 503 while streams are still open.
+    assert any("draining: /readyz answers 503; ending 500 streams" in x for x in log.lines)
+    assert not_ready_at < max(ended)
+    spread = max(ended) - min(ended)
+    assert spread > 1.0, spread  # over the 2 s window, not all in the same 100 ms
+    assert all(tail.endswith(b"\n\n") and b"retry: " in tail for tail in tails)
+    assert exited - signalled < 2 + 5 + 5
+
+
+async def test_sighup_keeps_unchanged_routes_and_survives_a_broken_file(
+    upstream: Upstream, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+
+    def write(b_heartbeat: float) -> None:
+        config.write_text(
+            f'[server]\nlisten = "127.0.0.1:{port}"\n'
+            f'[[routes]]\nname = "a"\npath = "/a/{{topic}}"\nupstream = "{upstream.url()}"\n'
+            f'[[routes]]\nname = "b"\npath = "/b/{{topic}}"\nupstream = "{upstream.url()}"\n'
+            f"heartbeat_seconds = {b_heartbeat}\n"
+        )
+
+    write(15)
+    proc, log = await start(["--config", str(config)], {})
+    try:
+        a = await connect(session, f"http://127.0.0.1:{port}/a/x")
+        b = await connect(session, f"http://127.0.0.1:{port}/b/y")
+        await upstream.wait_open("x")
+        await upstream.wait_open("y")
+
+        write(7)  # route b changes, route a does not
+        proc.send_signal(signal.SIGHUP)
+        await log.until("reloaded: 2 routes, 1 unchanged; 1 topics of changed routes closed")
+        await b.wait_end()
+        assert bytes(b.raw).endswith(b"\n\n")
+        assert b"retry: " in bytes(b.raw)[-30:]
+        await upstream.publish("x", *events("x", 1, 1))
+        assert await a.wait_events(1) == events("x", 1, 1)
+        assert not a.ended
+
+        config.write_text("[[routes]\nbroken")
+        proc.send_signal(signal.SIGHUP)
+        await log.until("new configuration rejected")
+        await upstream.publish("x", *events("x", 2, 1))
+        assert await a.wait_events(2) == events("x", 1, 2)
+        again = await connect(session, f"http://127.0.0.1:{port}/b/y")  # old config serves
+        again.close()
+        a.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
