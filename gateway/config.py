@@ -219,7 +219,7 @@ _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None],
     ("retry_ms", int, 2000, _non_negative),
     ("retry_max_ms", int, 5000, _non_negative),
     ("linger_seconds", float, 5.0, _non_negative),
-    ("max_unsent_bytes", int, 1024 * 1024, _positive),
+    ("max_unsent_bytes", int, 256 * 1024, _positive),
     ("max_line_bytes", int, 64 * 1024, _positive),
     ("max_event_bytes", int, 1024 * 1024, _positive),
     ("upstream_connect_timeout_seconds", float, 10.0, _positive),
@@ -235,7 +235,7 @@ _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None],
     ("upstream_resume", bool, True, None),
     ("max_catchups", int, 4, _non_negative),
     ("catchup_timeout_seconds", float, 10.0, _positive),
-    ("catchup_max_bytes", int, 4 * 1024 * 1024, _positive),
+    ("catchup_max_bytes", int, 1024 * 1024, _positive),
 )
 
 
