@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import policy, stream
 from .config import GatewayConfig
-from .errors import GatewayError, MethodNotAllowed, Unavailable
+from .errors import GatewayError, MethodNotAllowed
 from .heartbeat import HeartbeatWheel
 from .hub import Hub, Upstreams
 from .metrics import Metrics
@@ -201,7 +201,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         settings.config.limits.max_last_event_id_bytes,
     )
     if not app[LIFECYCLE].ready:
-        raise Unavailable("shutting down", headers={"Retry-After": "1"})
+        return await stream.turn_away(request, target, cors)
     admission = app[ADMISSION]
     # The peer address: behind a proxy every client shares it, so set the per-client
     # limit with that in mind (forwarded-for trust comes with the auth work).
@@ -209,7 +209,16 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     route = target.route
     admission.enter(client, route)
     try:
-        return await stream.serve(request, target, app[HUB], app[WHEEL], cors, last_event_id)
+        routes = settings.routes
+        return await stream.serve(
+            request,
+            target,
+            app[HUB],
+            app[WHEEL],
+            cors,
+            last_event_id,
+            still_current=lambda: app[SETTINGS].routes is routes,
+        )
     finally:
         admission.leave(client, route)
 

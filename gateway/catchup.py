@@ -1,19 +1,26 @@
-"""Catch-up: fetch from the upstream what a topic's ring no longer (or not yet) holds.
+"""Catch-up: fetch from the upstream what a topic's ring does not hold.
 
 A subscriber whose Last-Event-ID is not in the ring waits while one upstream
 request, shared by every subscriber asking for the same id of the same
-topic, replays the upstream's history after that id. The catch-up buffers
-those events until one of them is also in the topic's ring (the topic's own
-upstream is the authority from that point on), either as it arrives or when
-the topic publishes it. It then *splices*: each waiter gets the buffered
-events up to and including that one, then the ring after it, then joins the
-live stream, with no await in between, so nothing is missed or repeated.
+topic, replays the upstream's history after that id. The topic's own
+upstream stays live and is the authority: the catch-up buffers its events
+until they meet the ring, then *splices*. Each waiter gets the buffered
+events up to and including the first one the ring also holds, then the ring
+after it, then joins the live stream, with no await in between, so nothing
+is missed or repeated. The meeting happens either as the catch-up's event
+arrives or when the topic publishes an id the catch-up has already buffered.
 
-If the catch-up cannot reach the ring (the upstream refuses, the stream
-ends, the timeout passes, or the buffer would outgrow the ring's bounds),
-its waiters get what was fetched, then an in-band `gap` event, then live
-events: a gap is reported, never silent. The buffer is bounded by the
-route's `catchup_max_bytes`.
+On a topic that has carried no id yet (just opened after a gateway restart,
+say) there may be nothing to meet. So when the catch-up stream has been
+silent for `QUIET_SECONDS`, the topic's upstream is connected, and the topic
+has published nothing since the catch-up began and holds no id, the history
+is complete: the waiters get the whole buffer and go live.
+
+If the catch-up cannot reach the ring, the waiters get what was fetched, then
+an in-band `gap` event, then live events: a gap is reported, never silent.
+That happens when the upstream refuses, the stream ends, `timeout` passes
+(counted only while the topic's upstream is connected, since a topic that is
+down cannot be met), or the buffer outgrows `catchup_max_bytes`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from .ring import Ring
 from .sse import EncodeError, Event, encode
@@ -28,8 +36,32 @@ from .timing import Clock, Timer
 
 log = logging.getLogger(__name__)
 
-# Reasons a catch-up ends without splicing; also the `reason` of the gap event.
-FAILURES = ("catch_up_failed", "catch_up_ended", "catch_up_timeout", "catch_up_overflow")
+# Silence on the catch-up stream that, with a live topic that has published
+# nothing meanwhile, means its history is complete. An upstream sends its
+# backlog as fast as it can; a second of silence is far past that.
+QUIET_SECONDS = 1.0
+
+
+class Owner(Protocol):
+    """The topic, as a catch-up sees it."""
+
+    ring: Ring
+
+    def catchup_may_finish(self, catchup: CatchUp) -> bool:
+        """True when the topic is live and has published nothing since `catchup` began."""
+        ...
+
+    def catchup_may_time_out(self, catchup: CatchUp) -> bool:
+        """False while the topic's own upstream is down: waiting on it is no catch-up fault."""
+        ...
+
+    def catchup_done(
+        self,
+        catchup: CatchUp,
+        prefix: list[tuple[str | None, bytes]],
+        splice_id: str | None,
+        reason: str,
+    ) -> None: ...
 
 
 class CatchUp:
@@ -41,39 +73,36 @@ class CatchUp:
         "_clock",
         "_ids",
         "_limit_bytes",
-        "_on_done",
-        "_ring",
-        "_timer",
+        "_owner",
+        "_quiet",
+        "_timeout",
+        "_timeout_seconds",
         "done",
         "last_event_id",
+        "started_seq",
         "task",
     )
 
-    def __init__(
-        self,
-        last_event_id: str,
-        ring: Ring,
-        clock: Clock,
-        limit_bytes: int,
-        on_done: Callable[[CatchUp, list[bytes], str | None, str], None],
-    ) -> None:
+    def __init__(self, owner: Owner, last_event_id: str, clock: Clock, limit_bytes: int) -> None:
+        self._owner = owner
         self.last_event_id = last_event_id
-        self._ring = ring
         self._clock = clock
         self._limit_bytes = limit_bytes
-        # on_done(catch-up, prefix bytes, splice id or None, reason)
-        self._on_done = on_done
-        self._buffer: list[bytes] = []
+        self._buffer: list[tuple[str | None, bytes]] = []
         self._buffer_bytes = 0
         self._ids: dict[str, int] = {}
+        self.started_seq = owner.ring.next_seq
         self.done = False
         self.task: asyncio.Task[None] | None = None
-        self._timer: Timer | None = None
+        self._quiet: Timer | None = None
+        self._timeout: Timer | None = None
+        self._timeout_seconds = 0.0
 
     # --- the sink the upstream's catch-up request feeds ---------------------------
 
     def publish(self, events: Sequence[Event]) -> None:
         now = self._clock.now()
+        ring = self._owner.ring
         for event in events:
             if self.done:
                 return
@@ -81,16 +110,17 @@ class CatchUp:
                 data = encode(event)
             except EncodeError:
                 continue
-            self._buffer.append(data)
+            self._buffer.append((event.id, data))
             self._buffer_bytes += len(data)
             if event.id:
                 self._ids.setdefault(event.id, len(self._buffer) - 1)
-                if self._ring.has(event.id, now):
-                    self._splice(event.id)
+                if ring.has(event.id, now):
+                    self.splice(event.id)
                     return
             if self._buffer_bytes > self._limit_bytes:
                 self.fail("catch_up_overflow")
                 return
+        self._arm_quiet()
 
     def set_connected(self, connected: bool) -> None:
         """Part of the sink interface; a catch-up's connection state is not tracked."""
@@ -100,47 +130,80 @@ class CatchUp:
 
     # --- driven by the topic -------------------------------------------------------
 
-    def topic_published(self, ids: Sequence[str]) -> None:
-        """The topic's upstream delivered these ids: splice if one is already buffered."""
-        for event_id in ids:
-            if event_id in self._ids:
-                self._splice(event_id)
-                return
+    def buffered(self, event_id: str) -> bool:
+        return event_id in self._ids
 
-    def _splice(self, event_id: str) -> None:
-        index = self._ids[event_id]
-        self._finish(self._buffer[: index + 1], event_id, "spliced")
+    def splice(self, event_id: str) -> None:
+        """Meet the ring at `event_id`: the buffer up to it, then the ring after it."""
+        self._finish(self._buffer[: self._ids[event_id] + 1], event_id, "spliced")
 
     def fail(self, reason: str) -> None:
         self._finish(self._buffer, None, reason)
 
-    def _finish(self, prefix: list[bytes], splice_id: str | None, reason: str) -> None:
-        if self.done:
-            return
-        self.done = True
-        self._buffer = []
-        self._ids = {}
-        if self._timer is not None:
-            self._timer.cancel()
-        # Also when called from inside the request's own read loop: it stops at its next await.
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-        self._on_done(self, prefix, splice_id, reason)
+    def cancel(self) -> None:
+        """The topic is closing: stop, and tell nobody (its subscribers are being closed)."""
+        self._stop()
 
     def start(self, request: Callable[[CatchUp], Awaitable[None]], timeout_seconds: float) -> None:
         self.task = asyncio.create_task(self._run(request), name="catch-up")
-        self._timer = self._clock.call_later(timeout_seconds, lambda: self.fail("catch_up_timeout"))
+        self._timeout_seconds = timeout_seconds
+        self._timeout = self._clock.call_later(timeout_seconds, self._on_timeout)
+        self._arm_quiet()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _arm_quiet(self) -> None:
+        if self._quiet is not None:
+            self._quiet.cancel()
+        self._quiet = self._clock.call_later(QUIET_SECONDS, self._on_quiet)
+
+    def _on_quiet(self) -> None:
+        self._quiet = None
+        if self.done:
+            return
+        if self._owner.catchup_may_finish(self):
+            self._finish(self._buffer, None, "complete")
+        else:
+            self._arm_quiet()
+
+    def _on_timeout(self) -> None:
+        self._timeout = None
+        if self.done:
+            return
+        if self._owner.catchup_may_time_out(self):
+            self.fail("catch_up_timeout")
+        else:
+            self._timeout = self._clock.call_later(self._timeout_seconds, self._on_timeout)
+
+    def _stop(self) -> None:
+        self.done = True
+        self._buffer = []
+        self._ids = {}
+        for timer in (self._quiet, self._timeout):
+            if timer is not None:
+                timer.cancel()
+        self._quiet = self._timeout = None
+        # Also when called from inside the request's own read loop: it stops at its next await.
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def _finish(
+        self, prefix: list[tuple[str | None, bytes]], splice_id: str | None, reason: str
+    ) -> None:
+        if self.done:
+            return
+        self._stop()
+        self._owner.catchup_done(self, prefix, splice_id, reason)
 
     async def _run(self, request: Callable[[CatchUp], Awaitable[None]]) -> None:
-        """Drive the upstream request; any ending that did not splice is a failure."""
+        """Drive the upstream request. Its end is not failure by itself: a catch-up that ended
+        after the whole history may still meet the topic, or be complete on a quiet one."""
         try:
             await request(self)
-            reason = "catch_up_ended"
         except asyncio.CancelledError:
             if self.done:
                 return
             raise
         except Exception as exc:
             log.warning("catch-up after %r failed: %s", self.last_event_id[:64], exc)
-            reason = "catch_up_failed"
-        self.fail(reason)
+            self.fail("catch_up_failed")

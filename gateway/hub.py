@@ -22,8 +22,11 @@ Invariants (DESIGN.md, "The data path"):
   gets the ring after that id and joins the live group in the same
   synchronous step. An id the ring does not hold is fetched from the
   upstream (`catchup`), shared per (topic, id) and capped per topic; when
-  that is impossible the subscriber gets an in-band `gap` event. A topic
-  opened by a resuming subscriber resumes its upstream from that id.
+  that is impossible the subscriber gets an in-band `gap` event.
+- No client input steers the shared stream: a topic's own upstream always
+  opens live. Clients reconnecting after a gateway restart share one
+  catch-up per distinct id instead, so a junk or hours-old id costs one
+  bounded request, never the topic.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class Subscriber(Protocol):
         """Write without waiting; False once the subscriber is gone or was cut off."""
         ...
 
+    def replay(self, data: bytes) -> bool:
+        """Like send, for a replay: its size must not count against the backlog limit."""
+        ...
+
     def close(self, outcome: str) -> None:
         """End the subscriber's stream (idempotent)."""
         ...
@@ -77,8 +84,8 @@ class UpstreamSink(Protocol):
 class Upstreams(Protocol):
     """How the hub reaches upstreams; injected by the composition root, so no aiohttp here."""
 
-    async def stream(self, target: Target, sink: UpstreamSink, resume_from: str) -> None:
-        """Run the topic's upstream until cancelled, reconnecting by itself."""
+    async def stream(self, target: Target, sink: UpstreamSink) -> None:
+        """Run the topic's upstream (live, then resuming by itself) until cancelled."""
         ...
 
     async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
@@ -99,6 +106,7 @@ class Topic:
     """One upstream subscription, its replay ring and the subscribers that share it."""
 
     __slots__ = (
+        "_batch",
         "_catchups",
         "_groups",
         "_hub",
@@ -130,6 +138,8 @@ class Topic:
         self._snapshot: tuple[tuple[Framing, tuple[Subscriber, ...]], ...] | None = None
         self._catchups: dict[str, CatchUp] = {}
         self._pending: dict[Subscriber, CatchUp] = {}
+        # The batch being published, while catch-ups look at it (see catchup_done).
+        self._batch: list[tuple[str | None, bytes]] = []
         self._upstream: asyncio.Task[None] | None = None
         self._linger: Timer | None = None
         self.connected = False
@@ -144,6 +154,7 @@ class Topic:
         now = self._hub.clock.now()
         ring = self.ring
         parts = []
+        batch = []
         for event in events:
             try:
                 data = encode(event)
@@ -151,6 +162,7 @@ class Topic:
                 self.dropped("invalid")
                 continue
             parts.append(data)
+            batch.append((event.id, data))
             ring.append(event.id, data, now)
         if not parts:
             return
@@ -174,9 +186,14 @@ class Topic:
             self.metrics.events_delivered.inc(len(parts) * reached)
             self.metrics.bytes_written.inc(written)
         if self._catchups:
-            ids = [e.id for e in events if e.id]
-            for catchup in list(self._catchups.values()):
-                catchup.topic_published(ids)
+            self._batch = batch
+            try:
+                for event_id, _ in batch:
+                    for catchup in list(self._catchups.values()):
+                        if event_id and catchup.buffered(event_id):
+                            catchup.splice(event_id)
+            finally:
+                self._batch = []
 
     def set_connected(self, connected: bool) -> None:
         if connected != self.connected:
@@ -192,10 +209,10 @@ class Topic:
         self._groups.setdefault(sub.framing, {})[sub] = None
         self._snapshot = None
 
-    def _send_parts(self, sub: Subscriber, parts: list[bytes]) -> None:
-        if parts:
-            sub.send(sub.framing(b"".join(parts)))
-            self.metrics.replayed_events.inc(sum(1 for p in parts if p))
+    def _send_parts(self, sub: Subscriber, parts: list[bytes], tail: bytes = b"") -> None:
+        if parts or tail:
+            sub.replay(sub.framing(b"".join(parts) + tail))
+            self.metrics.replayed_events.inc(len(parts))
 
     def _resume(self, sub: Subscriber, last_event_id: str) -> None:
         """Deliver what `sub` missed after `last_event_id`, then make it live (or pending)."""
@@ -214,13 +231,7 @@ class Topic:
             if len(self._catchups) >= route.max_catchups:
                 self._gap(sub, [], last_event_id, "catch_up_limit")
                 return
-            catchup = CatchUp(
-                last_event_id,
-                self.ring,
-                self._hub.clock,
-                route.catchup_max_bytes,
-                self._catchup_done,
-            )
+            catchup = CatchUp(self, last_event_id, self._hub.clock, route.catchup_max_bytes)
             self._catchups[last_event_id] = catchup
             self.metrics.catchup_requests.inc()
             target, upstreams = self.target, self._hub.upstreams
@@ -232,28 +243,56 @@ class Topic:
         self._pending[sub] = catchup
 
     def _gap(self, sub: Subscriber, prefix: list[bytes], last_event_id: str, reason: str) -> None:
-        self._send_parts(sub, prefix)
-        sub.send(sub.framing(gap_event(last_event_id, reason)))
+        self._send_parts(sub, prefix, gap_event(last_event_id, reason))
         self.metrics.gaps.inc()
         log.info("gap for a subscriber of %s after id %r: %s", self.key, last_event_id[:64], reason)
         self._join_live(sub)
 
-    def _catchup_done(
-        self, catchup: CatchUp, prefix: list[bytes], splice_id: str | None, reason: str
+    # --- catchup.Owner ------------------------------------------------------------------
+
+    def catchup_may_finish(self, catchup: CatchUp) -> bool:
+        # Live, nothing published since the catch-up began, and no id in the ring that the
+        # catch-up failed to meet (it would be behind, not complete).
+        ring = self.ring
+        return self.connected and ring.next_seq == catchup.started_seq and ring.newest_id is None
+
+    def catchup_may_time_out(self, catchup: CatchUp) -> bool:
+        return self.connected
+
+    def catchup_done(
+        self,
+        catchup: CatchUp,
+        prefix: list[tuple[str | None, bytes]],
+        splice_id: str | None,
+        reason: str,
     ) -> None:
         if self._catchups.get(catchup.last_event_id) is catchup:
             del self._catchups[catchup.last_event_id]
-        waiters = [s for s, c in self._pending.items() if c is catchup]
-        for sub in waiters:
+        now = self._hub.clock.now()
+        fetched = [data for _, data in prefix]
+        rest: list[bytes] | None = []
+        if splice_id is not None:
+            rest = self.ring.after_first(splice_id, now)
+            if rest is None:  # a tiny ring already evicted it: take the rest of this batch
+                ids = [event_id for event_id, _ in self._batch]
+                if splice_id in ids:
+                    rest = [data for _, data in self._batch[ids.index(splice_id) + 1 :]]
+            if rest is None:
+                reason = "ring_evicted"
+        ok = rest is not None and reason in ("spliced", "complete")
+        if ok:
+            # Keep what was fetched: the next client holding this id replays from the ring.
+            before_meet = prefix[:-1] if splice_id is not None else prefix
+            self.ring.bridge(catchup.last_event_id, before_meet, splice_id, now)
+        for sub in [s for s, c in self._pending.items() if c is catchup]:
             del self._pending[sub]
-            if splice_id is None:
-                self._gap(sub, prefix, catchup.last_event_id, reason)
-                continue
-            # Splice: the fetched events up to the one the ring also holds, then the ring
-            # after it, then live, all before the next publish can run.
-            rest = self.ring.after(splice_id, self._hub.clock.now()) or []
-            self._send_parts(sub, prefix + rest)
-            self._join_live(sub)
+            if not ok or rest is None:
+                self._gap(sub, fetched, catchup.last_event_id, reason)
+            else:
+                # The fetched events up to where they meet the ring, then the ring after
+                # that point, then live: all before the next publish can run.
+                self._send_parts(sub, fetched + rest)
+                self._join_live(sub)
 
     # --- membership -------------------------------------------------------------
 
@@ -285,14 +324,14 @@ class Topic:
             sub.topics.remove(self)
         return True
 
-    def _start(self, upstreams: Upstreams, resume_from: str) -> None:
+    def _start(self, upstreams: Upstreams) -> None:
         self._upstream = asyncio.create_task(
-            self._run_upstream(upstreams, resume_from), name=f"upstream {self.key}"
+            self._run_upstream(upstreams), name=f"upstream {self.key}"
         )
 
-    async def _run_upstream(self, upstreams: Upstreams, resume_from: str) -> None:
+    async def _run_upstream(self, upstreams: Upstreams) -> None:
         try:
-            await upstreams.stream(self.target, self, resume_from)
+            await upstreams.stream(self.target, self)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -309,7 +348,7 @@ class Topic:
             self._linger = None
         tasks = [c.task for c in self._catchups.values() if c.task is not None]
         for catchup in list(self._catchups.values()):
-            catchup.done = True  # ended with the topic: no splice, no gap
+            catchup.cancel()  # ended with the topic: no splice, no gap
         self._catchups.clear()
         task, self._upstream = self._upstream, None
         if task is not None:
@@ -368,13 +407,7 @@ class Hub:
             topic = self._topics[target.topic_key] = Topic(self, target, rm)
             self._route_topics[route.name] = self._route_topics.get(route.name, 0) + 1
             rm.topics.inc()
-            resume_from = ""
-            if last_event_id and route.upstream_resume:
-                # Reconnecting clients (after a gateway restart, say) open the topic: resume
-                # the upstream from their id, and let others holding that id replay from it.
-                resume_from = last_event_id
-                topic.ring.anchor(last_event_id, self.clock.now())
-            topic._start(self.upstreams, resume_from)
+            topic._start(self.upstreams)
         topic.metrics.subscribers.inc()
         topic._add(sub, last_event_id)
         return topic

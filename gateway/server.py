@@ -95,8 +95,6 @@ async def serve(
             return
         reload(app, new)
 
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
-
     timeout = config.server.shutdown_timeout_seconds
     demo_runner = None
     if config.demo.enabled:
@@ -108,6 +106,7 @@ async def serve(
         log.info("demo backend on http://%s", config.demo.listen)
     app = make_app(config)
     runner = await _start(make_runner(app), config.server.listen)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)  # only now is there an app to reload
     log.info(
         "sse-gateway listening on http://%s (%d routes)", config.server.listen, len(config.routes)
     )

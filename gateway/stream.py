@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 from aiohttp import web
 
-from .errors import TopicLimit, Unavailable
+from .errors import TopicLimit
 from .heartbeat import HeartbeatWheel
 from .hub import Framing, Hub, Topic
 from .metrics import RouteMetrics
@@ -59,6 +60,7 @@ class Downstream:
     """One subscriber's socket."""
 
     __slots__ = (
+        "_allowance",
         "_blocked_since",
         "_clock",
         "_goodbye",
@@ -91,6 +93,9 @@ class Downstream:
         self._limit = max_unsent_bytes
         self._write_timeout = write_timeout_seconds
         self._blocked_since: float | None = None
+        # Backlog a replay may add on top of the limit, so a client is not cut off for the
+        # size of what it asked to be replayed; spent as the backlog drains.
+        self._allowance = 0
         # Written when the gateway ends the stream (drain, shutdown): when to come back.
         self._goodbye = framing(goodbye) if goodbye else b""
         self._clock = clock
@@ -114,12 +119,20 @@ class Downstream:
         # the size of one batch; memory per subscriber stays under the limit plus one batch.
         backlog = transport.get_write_buffer_size()
         if backlog:
-            if backlog > self._limit or self._blocked_too_long():
+            if backlog > self._limit + self._allowance or self._blocked_too_long():
                 self.close("slow")
                 return False
-        elif self._blocked_since is not None:
+        else:
             self._blocked_since = None
+            self._allowance = 0
         transport.write(data)
+        return True
+
+    def replay(self, data: bytes) -> bool:
+        if not self.send(data):
+            return False
+        self._allowance = len(data)
+        self._metrics.bytes_written.inc(len(data))
         return True
 
     def _blocked_too_long(self) -> bool:
@@ -160,6 +173,24 @@ class Downstream:
             self.closed.set_result(outcome)
 
 
+async def turn_away(
+    request: web.Request, target: Target, extra_headers: dict[str, str]
+) -> web.StreamResponse:
+    """While draining: a valid, empty stream with a retry hint, then the end.
+
+    Not a 503: EventSource treats any status but 200 as final and never
+    reconnects, and the point of a drain is that clients do, elsewhere.
+    """
+    route = target.route
+    resp = web.StreamResponse(status=200, headers=SSE_HEADERS | extra_headers)
+    resp.force_close()
+    await resp.prepare(request)
+    retry_ms = random.randint(route.retry_ms, route.retry_max_ms) if route.retry_ms else 1000
+    await resp.write(encode_retry(retry_ms))
+    await resp.write_eof()
+    return resp
+
+
 async def serve(
     request: web.Request,
     target: Target,
@@ -167,10 +198,11 @@ async def serve(
     wheel: HeartbeatWheel,
     extra_headers: dict[str, str],
     last_event_id: str | None,
+    still_current: Callable[[], bool] = lambda: True,
 ) -> web.StreamResponse:
     """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
     if hub.is_closing():
-        raise Unavailable("shutting down", headers={"Retry-After": "1"})
+        return await turn_away(request, target, extra_headers)
     hub.admit(target)
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -205,7 +237,9 @@ async def serve(
     )
     metrics.bytes_written.inc(len(preamble))
     started = hub.clock.now()
-    if hub.is_closing():  # shutdown began while the preamble was written: end the stream now
+    if hub.is_closing() or not still_current():
+        # Shutdown began, or a reload changed the routes, while the preamble was written:
+        # end now; the client comes back under whatever serves then.
         return resp
     # No await between here and subscribe: the stream starts at an event boundary.
     try:

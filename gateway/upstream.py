@@ -68,7 +68,7 @@ class UpstreamClient:
         self._clock = clock
         self._rng = rng or random.Random()
 
-    async def stream(self, target: Target, sink: UpstreamSink, resume_from: str) -> None:
+    async def stream(self, target: Target, sink: UpstreamSink) -> None:
         route = target.route
         metrics = self._metrics.route(route.name)
         backoff = Backoff(
@@ -78,11 +78,7 @@ class UpstreamClient:
         timeout = _timeout(target)
         # One parser for the topic's whole life: across reconnects it keeps the committed
         # last event id (an id inside an event cut off mid-way is not committed) and `retry`.
-        parser = Parser(
-            max_line_bytes=route.max_line_bytes,
-            max_event_bytes=route.max_event_bytes,
-            last_event_id=resume_from,
-        )
+        parser = Parser(max_line_bytes=route.max_line_bytes, max_event_bytes=route.max_event_bytes)
         while True:
             resume_id = parser.last_event_id
             if resume_id and not _NOT_FIELD_VALUE.search(resume_id):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -149,7 +150,9 @@ class Upstream:
 
     async def send(self, topic: str, data: bytes) -> None:
         for resp in list(self.open.get(topic, ())):
-            await resp.write(data)
+            # A reader going away: its handler removes it.
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(data)
 
     async def publish(self, topic: str, *events: Event) -> None:
         """Record in the topic's history (for resume) and write to every open stream."""

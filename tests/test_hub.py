@@ -33,6 +33,9 @@ class FakeSubscriber:
         self.changes.notify()
         return True
 
+    def replay(self, data: bytes) -> bool:
+        return self.send(data)
+
     def close(self, outcome: str) -> None:
         self.outcome = self.outcome or outcome
         self.changes.notify()
@@ -47,14 +50,12 @@ class ScriptedUpstreams:
         self.cancelled: list[str] = []
         self.crash: set[str] = set()
         self.give_up: set[str] = set()
-        self.resumed_from: list[str] = []
         # Catch-ups: the test feeds each through its sink; `catchup_end` ends them.
         self.catchups: list[tuple[str, UpstreamSink]] = []
         self.catchup_end: asyncio.Event = asyncio.Event()
         self.changes = Changes()
 
-    async def stream(self, target: Target, sink: UpstreamSink, resume_from: str) -> None:
-        self.resumed_from.append(resume_from)
+    async def stream(self, target: Target, sink: UpstreamSink) -> None:
         self.opened.append(target.topic_key)
         self.sinks[target.topic_key] = sink
         self.changes.notify()

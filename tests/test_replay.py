@@ -103,7 +103,10 @@ async def test_ring_is_bounded_by_count_bytes_and_age(
     await upstreams.wait_opened(3)
     upstreams.sinks[t3.topic_key].publish(numbered(1, 2))
     clock.advance(11)
-    assert not hub.topics[t3.topic_key].ring.has("2", clock.now())
+    ring = hub.topics[t3.topic_key].ring
+    assert not ring.has("1", clock.now())
+    assert len(ring) == 0
+    assert ring.after("2", clock.now()) == []  # the newest id: nothing newer was published
 
 
 async def test_unknown_id_without_upstream_resume_gets_a_gap_event(
@@ -168,33 +171,54 @@ async def test_catch_up_ahead_of_the_topic_splices_when_the_topic_catches_up(
     assert ids(sub) == ["10", "11"]
 
 
-async def test_catch_up_that_ends_without_reaching_the_ring_reports_a_gap(
-    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+async def test_catch_up_that_ends_short_of_the_ring_times_out_into_a_gap(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics
 ) -> None:
-    t = target()
+    t = target(catchup_timeout_seconds=3)
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
-    upstreams.sinks[t.topic_key].publish(numbered(50, 1))
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_connected(True)
+    sink.publish(numbered(50, 1))
     sub = FakeSubscriber()
     hub.subscribe(t, sub, "1")
     await upstreams.wait_catchups()
-    upstreams.catchups[0][1].publish(numbered(2, 2))
-    upstreams.catchup_end.set()  # the upstream's catch-up stream ends short of the ring
-    await sub.changes.until(lambda: len(received(sub)) >= 3)
+    upstreams.catchups[0][1].publish(numbered(2, 2))  # then nothing: 4..50 never come
+    clock.advance(3)
     events = received(sub)
     assert [e.id for e in events[:2]] == ["2", "3"]
     assert events[2].event == "gap"
-    assert json.loads(events[2].data)["reason"] == "catch_up_ended"
+    assert json.loads(events[2].data)["reason"] == "catch_up_timeout"
     assert value(metrics, "sse_gateway_gaps_total") == 1
 
 
-async def test_catch_up_timeout_and_cap(
+async def test_catch_up_does_not_time_out_while_the_topic_upstream_is_down(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    t = target(catchup_timeout_seconds=3)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "5")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(6, 3))
+    clock.advance(30)  # the topic's own upstream is still connecting
+    assert sub.received == []
+    sink.set_connected(True)
+    sink.publish(numbered(6, 4))  # it comes back and meets the catch-up at 6
+    assert ids(sub) == ["6", "7", "8", "9"]
+
+
+async def test_catch_up_and_cap_time_out_when_the_topic_is_live(
     hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
 ) -> None:
     t = target(max_catchups=1, catchup_timeout_seconds=3)
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
-    upstreams.sinks[t.topic_key].publish(numbered(50, 1))
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_connected(True)
+    sink.publish(numbered(50, 1))
     first, second = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(t, first, "1")
     hub.subscribe(t, second, "2")  # a second distinct id: over the cap
@@ -202,19 +226,73 @@ async def test_catch_up_timeout_and_cap(
     await upstreams.wait_catchups()
     clock.advance(3)
     assert json.loads(received(first)[0].data)["reason"] == "catch_up_timeout"
-    upstreams.sinks[t.topic_key].publish(numbered(51, 1))
+    sink.publish(numbered(51, 1))
     assert ids(first)[-1] == "51"
 
 
-async def test_topic_opened_by_a_resuming_client_resumes_its_upstream_from_that_id(
-    hub: Hub, upstreams: ScriptedUpstreams
+async def test_clients_returning_after_a_restart_share_one_catch_up_and_bridge_the_ring(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
 ) -> None:
     t = target()
     clients = [FakeSubscriber() for _ in range(100)]
     for client in clients:
         hub.subscribe(t, client, "41")  # a gateway restart: everyone comes back with 41
     await upstreams.wait_opened()
-    assert upstreams.resumed_from == ["41"]
-    upstreams.sinks[t.topic_key].publish(numbered(42, 2))
-    assert all(ids(c) == ["42", "43"] for c in clients)
-    assert upstreams.catchups == []  # the anchor served them all
+    upstreams.sinks[t.topic_key].set_connected(True)  # the topic itself opened live
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(42, 2))  # the history after 41, then quiet
+    clock.advance(1.0)  # catch-up silent, topic live and silent: the history is complete
+    upstreams.sinks[t.topic_key].publish(numbered(44, 1))
+    assert all(ids(c) == ["42", "43", "44"] for c in clients)
+    assert len(upstreams.catchups) == 1
+    late = FakeSubscriber()
+    hub.subscribe(t, late, "41")  # bridged: served from the ring, no new catch-up
+    assert ids(late) == ["42", "43", "44"]
+    assert len(upstreams.catchups) == 1
+
+
+async def test_splice_when_the_ring_evicts_the_meeting_id_within_the_batch(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target(ring_events=3)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.publish(numbered(1, 2))
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "9")  # ahead of the topic
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(10, 1))
+    sink.publish(numbered(3, 12))  # 3..14 in one read: 10 is evicted before the batch ends
+    assert ids(sub) == ["10", "11", "12", "13", "14"]
+
+
+async def test_repeated_ids_splice_where_the_streams_line_up(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.publish([Event("a", id="7"), Event("b", id="7"), Event("c", id="8")])
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "6")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish([Event("a", id="7"), Event("b", id="7")])
+    assert [e.data for e in received(sub)] == ["a", "b", "c"]
+
+
+async def test_the_newest_id_is_a_hit_after_a_quiet_topic_aged_out_of_the_ring(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    t = target(ring_seconds=10)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    upstreams.sinks[t.topic_key].publish(numbered(1, 3))
+    clock.advance(60)
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "3")  # missed nothing
+    assert sub.received == []
+    assert upstreams.catchups == []
+    upstreams.sinks[t.topic_key].publish(numbered(4, 1))
+    assert ids(sub) == ["4"]

@@ -64,7 +64,7 @@ async def test_reconnect_waits_at_least_the_upstreams_retry_and_resumes_with_las
     sink = RecordingSink()
     async with aiohttp.ClientSession() as session:
         client = UpstreamClient(session, Metrics(CollectorRegistry()), clock, random.Random(0))
-        task = asyncio.create_task(client.stream(target_for(upstream), sink, ""))
+        task = asyncio.create_task(client.stream(target_for(upstream), sink))
         try:
             await upstream.wait_open("x")
             await upstream.send("x", b"retry: 7000\nid: 41\ndata: a\n\nid: 42\ndata: b\n\n")
@@ -88,7 +88,7 @@ async def test_service_headers_from_the_environment_reach_the_upstream(upstream:
     async with aiohttp.ClientSession() as session:
         client = UpstreamClient(session, Metrics(CollectorRegistry()), FakeClock())
         task = asyncio.create_task(
-            client.stream(target_for(upstream, upstream_headers=headers), sink, "")
+            client.stream(target_for(upstream, upstream_headers=headers), sink)
         )
         try:
             await upstream.wait_connections(1)
