@@ -22,10 +22,11 @@ from . import policy, stream
 from .config import GatewayConfig
 from .errors import GatewayError, MethodNotAllowed
 from .heartbeat import HeartbeatWheel
-from .hub import Hub, Upstreams
+from .hub import Hub
 from .metrics import Metrics
 from .route import RouteTable
 from .timing import Clock, MonotonicClock
+from .topic import Upstreams
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,12 @@ from aiohttp import web
 
 from .errors import TopicLimit
 from .heartbeat import HeartbeatWheel
-from .hub import Framing, Hub, Topic
+from .hub import Hub
 from .metrics import RouteMetrics
 from .route import Target
 from .sse import encode_comment, encode_retry
 from .timing import Clock
+from .topic import Framing, Topic
 
 log = logging.getLogger(__name__)
 # One line per finished stream (issue 5 adds the full field set and JSON lines).

@@ -27,11 +27,11 @@ import re
 
 import aiohttp
 
-from .hub import UpstreamSink
 from .metrics import Metrics, RouteMetrics
 from .route import Target
 from .sse import Parser
 from .timing import Backoff, Clock
+from .topic import UpstreamSink
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,11 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import from_document
 from gateway.errors import TopicLimit
-from gateway.hub import Hub, Topic, UpstreamSink
+from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.route import RouteTable, Target
 from gateway.sse import Event
+from gateway.topic import Topic, UpstreamSink
 
 from .support import Changes, FakeClock
 

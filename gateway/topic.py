@@ -1,0 +1,364 @@
+"""A topic: one upstream subscription, its replay ring and the subscribers sharing it.
+
+Invariants (DESIGN.md, "The data path"):
+- One parse, one encode. An upstream batch is encoded once, framed once per
+  framing in use (chunked or not), and the same bytes object is handed to
+  every subscriber of that framing.
+- Nobody waits for the slowest. `publish()` never awaits; a subscriber's
+  `send()` is a non-blocking write that reports whether the subscriber is
+  still there. Enforcing its unsent-bytes limit is the subscriber's job.
+- Whole events only: a batch is written as one unit, so a subscriber joining
+  between two publishes starts at an event boundary and a heartbeat written
+  between two publishes can never land inside an event.
+- Resume without gap or duplicate: a subscriber arriving with a Last-Event-ID
+  gets the ring after that id and joins the live group in the same
+  synchronous step. An id the ring does not hold is fetched from the
+  upstream (`catchup`), shared per (topic, id) and capped per topic; when
+  that is impossible the subscriber gets an in-band `gap` event.
+- No client input steers the shared stream: a topic's own upstream always
+  opens live. Clients reconnecting after a gateway restart share one
+  catch-up per distinct id instead, so a junk or hours-old id costs one
+  bounded request, never the topic.
+- Subscriber <-> topic is many-to-many: a subscriber records the topics it is
+  in (`topics`), so one stream can later follow several.
+
+The hub (which owns topics) is reached only through the clock, the upstreams
+and the `on_failed` callback it hands a topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from .catchup import CatchUp
+from .metrics import RouteMetrics
+from .ring import Ring, RingLimits
+from .route import Target
+from .sse import EncodeError, Event, encode
+from .timing import Clock, Timer
+
+log = logging.getLogger(__name__)
+
+# How subscriber bytes are framed on the wire (identity, HTTP/1.1 chunked...).
+# The hub only groups subscribers by it so each framing is applied once per batch.
+Framing = Callable[[bytes], bytes]
+
+
+class Subscriber(Protocol):
+    framing: Framing
+    topics: list[Topic]
+
+    def send(self, data: bytes) -> bool:
+        """Write without waiting; False once the subscriber is gone or was cut off."""
+        ...
+
+    def replay(self, data: bytes) -> bool:
+        """Like send, for a replay: its size must not count against the backlog limit."""
+        ...
+
+    def close(self, outcome: str) -> None:
+        """End the subscriber's stream (idempotent)."""
+        ...
+
+
+class UpstreamSink(Protocol):
+    """What an upstream reports into: the topic it feeds."""
+
+    def publish(self, events: Sequence[Event]) -> None: ...
+
+    def set_connected(self, connected: bool) -> None: ...
+
+    def dropped(self, reason: str, count: int = 1) -> None: ...
+
+
+class Upstreams(Protocol):
+    """How the hub reaches upstreams; injected by the composition root, so no aiohttp here."""
+
+    async def stream(self, target: Target, sink: UpstreamSink) -> None:
+        """Run the topic's upstream (live, then resuming by itself) until cancelled."""
+        ...
+
+    async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
+        """One request for the events after `last_event_id`; returns at its end or raises."""
+        ...
+
+
+def gap_event(last_event_id: str, reason: str) -> bytes:
+    """The in-band notice that events after `last_event_id` cannot be delivered.
+
+    It carries no id, so the client's lastEventId stays where it was.
+    """
+    data = json.dumps({"lastEventId": last_event_id, "reason": reason}, separators=(",", ":"))
+    return encode(Event(data, event="gap"))
+
+
+class Topic:
+    """One upstream subscription, its replay ring and the subscribers that share it."""
+
+    __slots__ = (
+        "_batch",
+        "_catchups",
+        "_clock",
+        "_groups",
+        "_linger",
+        "_on_failed",
+        "_pending",
+        "_snapshot",
+        "_upstream",
+        "_upstreams",
+        "connected",
+        "key",
+        "last_publish",
+        "metrics",
+        "ring",
+        "subscribers",
+        "target",
+    )
+
+    def __init__(
+        self,
+        target: Target,
+        metrics: RouteMetrics,
+        clock: Clock,
+        upstreams: Upstreams,
+        on_failed: Callable[[Topic], None],
+    ) -> None:
+        route = target.route
+        self._clock = clock
+        self._upstreams = upstreams
+        # Called when the upstream runner ends, which it never should: the owner closes us.
+        self._on_failed = on_failed
+        self.target = target
+        self.key = target.topic_key
+        self.metrics = metrics
+        self.ring = Ring(RingLimits(route.ring_events, route.ring_bytes, route.ring_seconds))
+        # Every subscriber of the topic; the live ones are also in a framing group, the
+        # ones waiting for a catch-up are in `_pending` instead.
+        self.subscribers: dict[Subscriber, None] = {}
+        self._groups: dict[Framing, dict[Subscriber, None]] = {}
+        # Rebuilt only when membership changes, so publish iterates plain tuples.
+        self._snapshot: tuple[tuple[Framing, tuple[Subscriber, ...]], ...] | None = None
+        self._catchups: dict[str, CatchUp] = {}
+        self._pending: dict[Subscriber, CatchUp] = {}
+        # The batch being published, while catch-ups look at it (see catchup_done).
+        self._batch: list[tuple[str | None, bytes]] = []
+        self._upstream: asyncio.Task[None] | None = None
+        self._linger: Timer | None = None
+        self.connected = False
+        self.last_publish = clock.now()
+
+    # --- UpstreamSink ---------------------------------------------------------
+
+    def publish(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        self.metrics.events_received.inc(len(events))
+        now = self._clock.now()
+        ring = self.ring
+        parts = []
+        batch = []
+        for event in events:
+            try:
+                data = encode(event)
+            except EncodeError:
+                self.dropped("invalid")
+                continue
+            parts.append(data)
+            batch.append((event.id, data))
+            ring.append(event.id, data, now)
+        if not parts:
+            return
+        raw = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.last_publish = now
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = self._snapshot = tuple((f, tuple(g)) for f, g in self._groups.items())
+        reached = 0
+        written = 0
+        for framing, group in snapshot:
+            data = framing(raw)
+            group_reached = 0
+            for sub in group:
+                if sub.send(data):
+                    group_reached += 1
+            reached += group_reached
+            written += len(data) * group_reached
+        # Counted once per batch (N at a time), never once per subscriber.
+        if reached:
+            self.metrics.events_delivered.inc(len(parts) * reached)
+            self.metrics.bytes_written.inc(written)
+        if self._catchups:
+            self._batch = batch
+            try:
+                for event_id, _ in batch:
+                    for catchup in list(self._catchups.values()):
+                        if event_id and catchup.buffered(event_id):
+                            catchup.splice(event_id)
+            finally:
+                self._batch = []
+
+    def set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self.metrics.upstreams_connected.inc(1 if connected else -1)
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        self.metrics.dropped[reason].inc(count)
+
+    # --- joining -----------------------------------------------------------------
+
+    def _join_live(self, sub: Subscriber) -> None:
+        self._groups.setdefault(sub.framing, {})[sub] = None
+        self._snapshot = None
+
+    def _send_parts(self, sub: Subscriber, parts: list[bytes], tail: bytes = b"") -> None:
+        if parts or tail:
+            sub.replay(sub.framing(b"".join(parts) + tail))
+            self.metrics.replayed_events.inc(len(parts))
+
+    def _resume(self, sub: Subscriber, last_event_id: str) -> None:
+        """Deliver what `sub` missed after `last_event_id`, then make it live (or pending)."""
+        route = self.target.route
+        replay = self.ring.after(last_event_id, self._clock.now())
+        if replay is not None:
+            self.metrics.replays["hit"].inc()
+            self._send_parts(sub, replay)
+            self._join_live(sub)
+            return
+        if not route.upstream_resume:
+            self._gap(sub, [], last_event_id, "not_in_ring")
+            return
+        catchup = self._catchups.get(last_event_id)
+        if catchup is None:
+            if len(self._catchups) >= route.max_catchups:
+                self._gap(sub, [], last_event_id, "catch_up_limit")
+                return
+            catchup = CatchUp(self, last_event_id, self._clock, route.catchup_max_bytes)
+            self._catchups[last_event_id] = catchup
+            self.metrics.catchup_requests.inc()
+            target, upstreams = self.target, self._upstreams
+            catchup.start(
+                lambda c: upstreams.catch_up(target, c, last_event_id),
+                route.catchup_timeout_seconds,
+            )
+        self.metrics.replays["catchup"].inc()
+        self._pending[sub] = catchup
+
+    def _gap(self, sub: Subscriber, prefix: list[bytes], last_event_id: str, reason: str) -> None:
+        self._send_parts(sub, prefix, gap_event(last_event_id, reason))
+        self.metrics.gaps.inc()
+        log.info("gap for a subscriber of %s after id %r: %s", self.key, last_event_id[:64], reason)
+        self._join_live(sub)
+
+    # --- catchup.Owner ------------------------------------------------------------------
+
+    def catchup_may_finish(self, catchup: CatchUp) -> bool:
+        # Live, nothing published since the catch-up began, and no id in the ring that the
+        # catch-up failed to meet (it would be behind, not complete).
+        ring = self.ring
+        return self.connected and ring.next_seq == catchup.started_seq and ring.newest_id is None
+
+    def catchup_may_time_out(self, catchup: CatchUp) -> bool:
+        return self.connected
+
+    def catchup_done(
+        self,
+        catchup: CatchUp,
+        prefix: list[tuple[str | None, bytes]],
+        splice_id: str | None,
+        reason: str,
+    ) -> None:
+        if self._catchups.get(catchup.last_event_id) is catchup:
+            del self._catchups[catchup.last_event_id]
+        now = self._clock.now()
+        fetched = [data for _, data in prefix]
+        rest: list[bytes] | None = []
+        if splice_id is not None:
+            rest = self.ring.after_first(splice_id, now)
+            if rest is None:  # a tiny ring already evicted it: take the rest of this batch
+                ids = [event_id for event_id, _ in self._batch]
+                if splice_id in ids:
+                    rest = [data for _, data in self._batch[ids.index(splice_id) + 1 :]]
+            if rest is None:
+                reason = "ring_evicted"
+        ok = rest is not None and reason in ("spliced", "complete")
+        if ok:
+            # Keep what was fetched: the next client holding this id replays from the ring.
+            before_meet = prefix[:-1] if splice_id is not None else prefix
+            self.ring.bridge(catchup.last_event_id, before_meet, splice_id, now)
+        for sub in [s for s, c in self._pending.items() if c is catchup]:
+            del self._pending[sub]
+            if not ok or rest is None:
+                self._gap(sub, fetched, catchup.last_event_id, reason)
+            else:
+                # The fetched events up to where they meet the ring, then the ring after
+                # that point, then live: all before the next publish can run.
+                self._send_parts(sub, fetched + rest)
+                self._join_live(sub)
+
+    # --- membership -------------------------------------------------------------
+
+    def _add(self, sub: Subscriber, last_event_id: str | None) -> None:
+        self.subscribers[sub] = None
+        sub.topics.append(self)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if last_event_id:
+            self._resume(sub, last_event_id)
+        else:
+            self._join_live(sub)
+
+    def _remove(self, sub: Subscriber) -> bool:
+        if sub not in self.subscribers:
+            return False
+        del self.subscribers[sub]
+        group = self._groups.get(sub.framing)
+        if group is not None and sub in group:
+            del group[sub]
+            if not group:
+                del self._groups[sub.framing]
+            self._snapshot = None
+        catchup = self._pending.pop(sub, None)
+        if catchup is not None and catchup not in self._pending.values():
+            catchup.fail("catch_up_ended")  # nobody waits for it any more
+        if self in sub.topics:
+            sub.topics.remove(self)
+        return True
+
+    def _start(self) -> None:
+        self._upstream = asyncio.create_task(self._run_upstream(), name=f"upstream {self.key}")
+
+    async def _run_upstream(self) -> None:
+        try:
+            await self._upstreams.stream(self.target, self)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("upstream runner for %s crashed", self.key)
+        else:
+            log.error("upstream runner for %s returned", self.key)
+        # A runner retries by itself until cancelled; reaching here is a bug. Contain it to
+        # this topic: end its subscribers so they reconnect and the topic starts afresh.
+        self._on_failed(self)
+
+    async def _stop(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        tasks = [c.task for c in self._catchups.values() if c.task is not None]
+        for catchup in list(self._catchups.values()):
+            catchup.cancel()  # ended with the topic: no splice, no gap
+        self._catchups.clear()
+        task, self._upstream = self._upstream, None
+        if task is not None:
+            tasks.append(task)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.set_connected(False)
