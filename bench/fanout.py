@@ -167,10 +167,22 @@ class Child:
             return "killed (SIGKILL) after SIGTERM grace"
 
 
-def start_child(name: str, argv: list[str], log_dir: Path) -> Child:
+# Every load-client connection comes from 127.0.0.1, so the gateway's per-address and
+# rate limits would refuse most of them: the benchmark measures fan-out, not admission.
+GATEWAY_ENV = {
+    "SSE_GATEWAY_LIMITS_MAX_SUBSCRIBERS_PER_CLIENT": "0",
+    "SSE_GATEWAY_LIMITS_MAX_CONNECTIONS_PER_SECOND": "0",
+    "SSE_GATEWAY_LIMITS_MAX_SUBSCRIBERS": "0",
+}
+
+
+def start_child(
+    name: str, argv: list[str], log_dir: Path, extra_env: dict[str, str] | None = None
+) -> Child:
     log = log_dir / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
     env["PYTHONPATH"] = str(REPO)
+    env.update(extra_env or {})
     with log.open("wb") as f:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env
@@ -513,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(args.heartbeat),
             ],
             log_dir,
+            GATEWAY_ENV,
         )
         children.append(gateway)
         gateway.wait_ready("listening on", READY_TIMEOUT)
