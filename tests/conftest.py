@@ -12,9 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import HUB, make_app, make_runner
 from gateway.config import GatewayConfig, from_document
+from gateway.hub import Hub
 from gateway.metrics import Metrics
 
-from .support import Upstream
+from .support import FakeClock, ScriptedUpstreams, Upstream
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -98,3 +99,30 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     yield start
     for runner in reversed(runners):
         await runner.cleanup()
+
+
+# --- hub-level fixtures: a scripted upstream, fake subscribers, a virtual clock ---------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def upstreams() -> ScriptedUpstreams:
+    return ScriptedUpstreams()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+def hub(upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics) -> Hub:
+    return Hub(upstreams, clock, metrics)
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"route": "r", **labels}) or 0.0

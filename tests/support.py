@@ -7,13 +7,18 @@ import contextlib
 import heapq
 import itertools
 import logging
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
-from gateway.sse import Event, Parser, encode, encode_many
+from gateway.route import Target
+from gateway.sse import Event, Parser, encode_many
+from gateway.topic import Topic, UpstreamSink
 
 
 class Changes:
@@ -272,9 +277,6 @@ class _FakeTimer:
         self.cancelled = True
 
 
-__all__ = ["Client", "FakeClock", "Upstream", "connect", "encode", "events", "raw_request"]
-
-
 class Publisher:
     """Publishes `count` numbered events to a topic, one every `interval` seconds (bounded)."""
 
@@ -358,3 +360,103 @@ class ProcessLog:
 
     async def until(self, text: str, timeout: float = 10) -> None:
         await self.changes.until(lambda: any(text in line for line in self.lines), timeout)
+
+
+# --- hub doubles ---------------------------------------------------------------------
+
+
+class FakeSubscriber:
+    def __init__(self, framing=lambda raw: raw, accept: bool = True) -> None:  # type: ignore[no-untyped-def]
+        self.framing = framing
+        self.topics: list[Topic] = []
+        self.received: list[bytes] = []
+        self.accept = accept
+        self.outcome: str | None = None
+        self.changes = Changes()
+
+    def send(self, data: bytes) -> bool:
+        if not self.accept or self.outcome:
+            return False
+        self.received.append(data)
+        self.changes.notify()
+        return True
+
+    def replay(self, data: bytes) -> bool:
+        return self.send(data)
+
+    def close(self, outcome: str) -> None:
+        self.outcome = self.outcome or outcome
+        self.changes.notify()
+
+
+class ScriptedUpstreams:
+    """Records each opened topic's sink and runs until cancelled; catch-ups are scripted."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, UpstreamSink] = {}
+        self.opened: list[str] = []
+        self.cancelled: list[str] = []
+        self.crash: set[str] = set()
+        self.give_up: set[str] = set()
+        # Catch-ups: the test feeds each through its sink; `catchup_end` ends them.
+        self.catchups: list[tuple[str, UpstreamSink]] = []
+        self.catchup_end: asyncio.Event = asyncio.Event()
+        self.changes = Changes()
+
+    async def stream(self, target: Target, sink: UpstreamSink) -> None:
+        self.opened.append(target.topic_key)
+        self.sinks[target.topic_key] = sink
+        self.changes.notify()
+        if target.topic_key in self.crash:
+            raise RuntimeError("boom")
+        if target.topic_key in self.give_up:
+            return
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(target.topic_key)
+            self.changes.notify()
+            raise
+
+    async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
+        self.catchups.append((last_event_id, sink))
+        self.changes.notify()
+        await self.catchup_end.wait()
+
+    async def wait_catchups(self, count: int = 1) -> None:
+        await self.changes.until(lambda: len(self.catchups) >= count)
+
+    async def wait_opened(self, count: int = 1) -> None:
+        await self.changes.until(lambda: len(self.opened) >= count)
+
+    async def wait_cancelled(self, count: int = 1) -> None:
+        await self.changes.until(lambda: len(self.cancelled) >= count)
+
+
+@asynccontextmanager
+async def gateway_process(
+    args: Sequence[str], extra_env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, ProcessLog]]:
+    """`python -m gateway` as a child, ready once it logs that it listens; killed if left over."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
+    env["SSE_GATEWAY_SERVER_DRAIN_SECONDS"] = "0.2"  # tests that time the drain set their own
+    env.update(extra_env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    assert proc.stdout is not None
+    log = ProcessLog(proc.stdout)
+    try:
+        await log.until("listening on", 15)
+        yield proc, log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await log.task

@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from .support import ProcessLog, Upstream, connect, events
+from .support import Upstream, connect, events, gateway_process
 from .test_process import free_port
 
 pytestmark = pytest.mark.process
-
-
-async def start(
-    args: list[str], env: dict[str, str]
-) -> tuple[asyncio.subprocess.Process, ProcessLog]:
-    import os
-
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
-    full_env.update(env)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=full_env,
-    )
-    assert proc.stdout is not None
-    log = ProcessLog(proc.stdout)
-    await log.until("listening on", 15)
-    return proc, log
 
 
 async def test_sigterm_flips_readiness_then_drains_500_streams_over_the_window(
@@ -50,7 +27,6 @@ async def test_sigterm_flips_readiness_then_drains_500_streams_over_the_window(
         "SSE_GATEWAY_LIMITS_MAX_CONNECTIONS_PER_SECOND": "0",
     }
     args = ["--listen", f"127.0.0.1:{port}", "--path", "/e/{topic}", "--upstream", upstream.url()]
-    proc, log = await start(args, env)
     ended: list[float] = []
     tails: list[bytes] = []
 
@@ -67,27 +43,25 @@ async def test_sigterm_flips_readiness_then_drains_500_streams_over_the_window(
             ended.append(time.monotonic())
             tails.append(body[-40:])
 
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            opened, counter = asyncio.Event(), [0]
-            followers = [asyncio.create_task(follow(session, opened, counter)) for _ in range(500)]
-            await asyncio.wait_for(opened.wait(), 30)
-            await upstream.wait_open("t")
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(5):  # ask until the flip is seen (each ask is a request)
-                while True:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        if resp.status == 503:
-                            not_ready_at = time.monotonic()
-                            break
-            await asyncio.wait_for(asyncio.gather(*followers), 20)
+    async with (
+        gateway_process(args, env) as (proc, log),
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+    ):
+        opened, counter = asyncio.Event(), [0]
+        followers = [asyncio.create_task(follow(session, opened, counter)) for _ in range(500)]
+        await asyncio.wait_for(opened.wait(), 30)
+        await upstream.wait_open("t")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):  # ask until the flip is seen (each ask is a request)
+            while True:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 503:
+                        not_ready_at = time.monotonic()
+                        break
+        await asyncio.wait_for(asyncio.gather(*followers), 20)
         assert await asyncio.wait_for(proc.wait(), 2 + 5 + 5) == 0
         exited = time.monotonic()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert len(ended) == 500
     # Readiness flips before the first wave (the process logs it first), and a load balancer
     # probing during the drain sees 503 while streams are still open.
@@ -114,8 +88,7 @@ async def test_sighup_keeps_unchanged_routes_and_survives_a_broken_file(
         )
 
     write(15)
-    proc, log = await start(["--config", str(config)], {})
-    try:
+    async with gateway_process(["--config", str(config)]) as (proc, log):
         a = await connect(session, f"http://127.0.0.1:{port}/a/x")
         b = await connect(session, f"http://127.0.0.1:{port}/b/y")
         await upstream.wait_open("x")
@@ -139,11 +112,5 @@ async def test_sighup_keeps_unchanged_routes_and_survives_a_broken_file(
         again = await connect(session, f"http://127.0.0.1:{port}/b/y")  # old config serves
         again.close()
         a.close()
-    finally:
         proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 20)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0

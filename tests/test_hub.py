@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from prometheus_client import CollectorRegistry
 
 from gateway.config import from_document
 from gateway.errors import TopicLimit
@@ -13,77 +10,9 @@ from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.route import RouteTable, Target
 from gateway.sse import Event
-from gateway.topic import Topic, UpstreamSink
 
-from .support import Changes, FakeClock
-
-
-class FakeSubscriber:
-    def __init__(self, framing=lambda raw: raw, accept: bool = True) -> None:  # type: ignore[no-untyped-def]
-        self.framing = framing
-        self.topics: list[Topic] = []
-        self.received: list[bytes] = []
-        self.accept = accept
-        self.outcome: str | None = None
-        self.changes = Changes()
-
-    def send(self, data: bytes) -> bool:
-        if not self.accept or self.outcome:
-            return False
-        self.received.append(data)
-        self.changes.notify()
-        return True
-
-    def replay(self, data: bytes) -> bool:
-        return self.send(data)
-
-    def close(self, outcome: str) -> None:
-        self.outcome = self.outcome or outcome
-        self.changes.notify()
-
-
-class ScriptedUpstreams:
-    """Records each opened topic's sink and runs until cancelled; catch-ups are scripted."""
-
-    def __init__(self) -> None:
-        self.sinks: dict[str, UpstreamSink] = {}
-        self.opened: list[str] = []
-        self.cancelled: list[str] = []
-        self.crash: set[str] = set()
-        self.give_up: set[str] = set()
-        # Catch-ups: the test feeds each through its sink; `catchup_end` ends them.
-        self.catchups: list[tuple[str, UpstreamSink]] = []
-        self.catchup_end: asyncio.Event = asyncio.Event()
-        self.changes = Changes()
-
-    async def stream(self, target: Target, sink: UpstreamSink) -> None:
-        self.opened.append(target.topic_key)
-        self.sinks[target.topic_key] = sink
-        self.changes.notify()
-        if target.topic_key in self.crash:
-            raise RuntimeError("boom")
-        if target.topic_key in self.give_up:
-            return
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(target.topic_key)
-            self.changes.notify()
-            raise
-
-    async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
-        self.catchups.append((last_event_id, sink))
-        self.changes.notify()
-        await self.catchup_end.wait()
-
-    async def wait_catchups(self, count: int = 1) -> None:
-        await self.changes.until(lambda: len(self.catchups) >= count)
-
-    async def wait_opened(self, count: int = 1) -> None:
-        await self.changes.until(lambda: len(self.opened) >= count)
-
-    async def wait_cancelled(self, count: int = 1) -> None:
-        await self.changes.until(lambda: len(self.cancelled) >= count)
+from .conftest import value
+from .support import FakeClock, FakeSubscriber, ScriptedUpstreams
 
 
 def targets(*paths: str, linger: float = 5.0) -> list[Target]:
@@ -94,30 +23,6 @@ def targets(*paths: str, linger: float = 5.0) -> list[Target]:
     }
     table = RouteTable(from_document(doc, {}).routes)
     return [table.resolve(p, []) for p in paths]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def upstreams() -> ScriptedUpstreams:
-    return ScriptedUpstreams()
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
-
-
-@pytest.fixture
-def hub(upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics) -> Hub:
-    return Hub(upstreams, clock, metrics)
-
-
-def value(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, {"route": "r", **labels}) or 0.0
 
 
 async def test_concurrent_first_subscribers_open_one_upstream(

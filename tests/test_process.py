@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
 
-from .support import Upstream, connect, events
+from .support import Upstream, connect, events, gateway_process
 
 pytestmark = pytest.mark.process
 
@@ -22,35 +18,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def gateway_process(
-    args: Sequence[str], extra_env: dict[str, str] | None = None
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
-    env["SSE_GATEWAY_SERVER_DRAIN_SECONDS"] = "0.2"  # tests that time the drain set their own
-    env.update(extra_env or {})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    try:
-        # Ready when the log says it listens: wait on the process's own report.
-        assert proc.stdout is not None
-        async with asyncio.timeout(15):
-            while b"listening on" not in (line := await proc.stdout.readline()):
-                assert line, "gateway exited before listening"
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_quick_start_flags_proxy_a_route_and_sigterm_drains_cleanly(
@@ -69,7 +36,7 @@ async def test_quick_start_flags_proxy_a_route_and_sigterm_drains_cleanly(
         "--cors-origin",
         "https://app.example",
     ]
-    async with gateway_process(args) as proc:
+    async with gateway_process(args) as (proc, log):
         client = await connect(
             session, f"http://127.0.0.1:{port}/events/p", headers={"Origin": "https://app.example"}
         )
@@ -85,10 +52,8 @@ async def test_quick_start_flags_proxy_a_route_and_sigterm_drains_cleanly(
         assert client.response.content.at_eof()  # terminated chunked body: a clean end
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         await upstream.wait_closed("p")
-        assert proc.stdout is not None
-        log = (await proc.stdout.read()).decode()
-        assert "SIGTERM: shutting down" in log
-        assert "stopped" in log
+        await log.until("stopped")
+        assert any("SIGTERM: shutting down" in line for line in log.lines)
 
 
 async def test_default_configuration_serves_the_demo(session: aiohttp.ClientSession) -> None:
@@ -100,7 +65,7 @@ async def test_default_configuration_serves_the_demo(session: aiohttp.ClientSess
         "SSE_GATEWAY_DEMO_LISTEN": f"127.0.0.1:{demo_port}",
         "SSE_GATEWAY_DEMO_INTERVAL_SECONDS": "0.05",
     }
-    async with gateway_process([], env) as proc:
+    async with gateway_process([], env) as (proc, _):
         async with session.get(f"http://127.0.0.1:{port}/") as resp:
             page = await resp.text()
         assert "EventSource" in page

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-from prometheus_client import CollectorRegistry
-
 from gateway.config import from_document
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.route import RouteTable, Target
 from gateway.sse import Event, Parser
 
-from .support import FakeClock
-from .test_hub import FakeSubscriber, ScriptedUpstreams
+from .conftest import value
+from .support import FakeClock, FakeSubscriber, ScriptedUpstreams
 
 
 def target(**route: Any) -> Target:
@@ -34,30 +31,6 @@ def received(sub: FakeSubscriber) -> list[Event]:
 
 def ids(sub: FakeSubscriber) -> list[str | None]:
     return [e.id for e in received(sub)]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def upstreams() -> ScriptedUpstreams:
-    return ScriptedUpstreams()
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics(CollectorRegistry())
-
-
-@pytest.fixture
-def hub(upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics) -> Hub:
-    return Hub(upstreams, clock, metrics)
-
-
-def value(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, {"route": "r", **labels}) or 0.0
 
 
 async def test_replay_from_the_ring_then_live_in_one_write(
