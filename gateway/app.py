@@ -8,6 +8,7 @@ the hub sees upstreams only through the `UpstreamFactory` it is handed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from importlib import resources
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import policy, stream
 from .config import GatewayConfig
@@ -140,7 +140,11 @@ def make_app(
             session = aiohttp.ClientSession(connector=connector, trust_env=False)
             client = UpstreamClient(session, metrics, clock)
         app[HUB] = Hub(client, clock, metrics)
+        for route in config.routes:
+            metrics.route(route.name)  # every series exists, at 0, before its first event
+        lag = asyncio.create_task(watch_loop_lag(metrics), name="loop lag")
         yield
+        lag.cancel()
         await app[HUB].close()
         app[WHEEL].close()
         if session is not None:
@@ -156,7 +160,7 @@ def make_app(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    if config.metrics.enabled:
+    if config.metrics.enabled and config.metrics.listen is None:
         app.router.add_get(config.metrics.path, metrics_handler)
     if config.demo.enabled:
         app.router.add_get("/", demo_page)
@@ -176,8 +180,26 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def make_metrics_app(metrics: Metrics, path: str) -> web.Application:
+    """The internal listener: metrics (and liveness) apart from the public streams."""
+    app = web.Application()
+    app[METRICS] = metrics
+    app.router.add_get(path, metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def watch_loop_lag(metrics: Metrics, interval_seconds: float = 0.25) -> None:
+    """Observe how late the loop wakes a timer: the delay every callback is seeing."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval_seconds
+        await asyncio.sleep(interval_seconds)
+        metrics.loop_lag.observe(max(0.0, loop.time() - due))
 
 
 async def demo_page(request: web.Request) -> web.Response:

@@ -122,7 +122,7 @@ class CatchUp:
                 return
         self._arm_quiet()
 
-    def set_connected(self, connected: bool) -> None:
+    def set_state(self, state: str) -> None:
         """Part of the sink interface; a catch-up's connection state is not tracked."""
 
     def dropped(self, reason: str, count: int = 1) -> None:

@@ -105,6 +105,8 @@ class LimitsConfig:
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     enabled: bool
+    # A separate internal listener, or None to serve `path` on the main port.
+    listen: Listen | None
     path: str
 
 
@@ -421,8 +423,12 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
     limits.finish()
 
     metrics = root.table("metrics")
+    metrics_listen = metrics.get(
+        "listen", str, "127.0.0.1:9464", lambda v: None if v == "" else _listen(v)
+    )
     metrics_config = MetricsConfig(
         enabled=metrics.get("enabled", bool, True),
+        listen=_parse_listen(metrics_listen) if metrics_listen else None,
         path=metrics.get(
             "path", str, "/metrics", lambda v: None if v.startswith("/") else "must start with /"
         ),

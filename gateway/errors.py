@@ -29,10 +29,16 @@ class BadRequest(GatewayError):
 
 
 class Forbidden(GatewayError):
-    """The request is well-formed but not allowed (for example an origin not on the list)."""
+    """The request is well-formed but not allowed."""
 
     status = 403
     reason = "forbidden"
+
+
+class CorsDenied(Forbidden):
+    """The request's Origin is not on the route's list."""
+
+    reason = "cors"
 
 
 class NotFound(GatewayError):

@@ -2,15 +2,34 @@
 
 Naming follows Prometheus conventions: the `sse_gateway_` prefix, base units,
 `_total` on counters. Labels have bounded cardinality: `route` (from config),
-`reason`/`outcome` (fixed sets in this module); never a topic, a client or an
-event id. Hot-path counters are bound to their route once (`RouteMetrics`) and
-advanced by N once per event batch, never once per subscriber.
+`reason`/`outcome`/`state` (fixed sets in this module); never a topic, a client
+or an event id. Every child of a route is created when the route is first
+bound, so each series exists (at 0) before its first event and dashboards and
+alerts never see "no data" for a healthy route. Hot-path counters are bound to
+their route once (`RouteMetrics`) and advanced by N once per event batch, never
+once per subscriber.
+
+Multi-process: with `PROMETHEUS_MULTIPROC_DIR` set (one setting, read by
+prometheus-client when it is imported), every worker writes its samples there
+and `exposition()` sums them; gauges say how (`livesum`: only live workers).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import REGISTRY
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # `*_created` series double the exposition for no dashboard use; Prometheus
 # detects counter resets by itself.
@@ -20,15 +39,18 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 OUTCOMES = ("normal", "slow", "gone", "shutdown", "error", "limit", "reload")
 # Why an upstream attempt failed; the `reason` label of upstream_failures_total.
 UPSTREAM_FAILURES = ("connect", "status", "content_type", "read", "timeout", "eof")
-# Why an event was not delivered; the `reason` label of events_dropped_total.
-DROP_REASONS = ("oversize", "invalid")
+# What a topic's upstream connection is doing; the `state` label.
+UPSTREAM_STATES = ("connecting", "connected", "backoff")
+# Why an event was not delivered: unparseable upstream input, or a subscriber
+# that was cut off (slow) or gone when it came.
+DROP_REASONS = ("oversize", "invalid", "slow")
 # How a subscriber arriving with a Last-Event-ID was served.
 REPLAY_OUTCOMES = ("hit", "catchup")
 # Why a request was refused before it became a subscriber.
 REJECT_REASONS = (
     "not_found",
     "bad_request",
-    "forbidden",
+    "cors",
     "method_not_allowed",
     "unavailable",
     "topic_limit",
@@ -38,27 +60,48 @@ REJECT_REASONS = (
     "malformed",
 )
 
+# From a page reload (seconds) to a dashboard left open all day.
+DURATION_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+# Fan-out of one batch to every subscriber: ~1 µs each, so 100 µs to 1 s covers 100 to 1M.
+DELIVERY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+# Loop lag: under 1 ms is healthy, 100 ms is users noticing, a second is an outage.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def multiprocess() -> bool:
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
 
 class Metrics:
     """The gateway's metric families. One instance per registry (one per test)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else REGISTRY
-        r = self.registry
+        if registry is None:
+            registry = REGISTRY  # has the process collector already
+        elif not multiprocess():
+            ProcessCollector(registry=registry)  # CPU, memory, open fds
+        self.registry = r = registry
         self.subscribers = Gauge(
-            "sse_gateway_subscribers", "Subscribers currently connected.", ["route"], registry=r
+            "sse_gateway_subscribers",
+            "Subscribers currently connected.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.topics = Gauge(
             "sse_gateway_topics",
             "Topics currently open (one upstream each).",
             ["route"],
             registry=r,
+            multiprocess_mode="livesum",
         )
-        self.upstreams_connected = Gauge(
+        self.upstream_connections = Gauge(
             "sse_gateway_upstream_connections",
-            "Upstream connections currently established and streaming.",
-            ["route"],
+            "Topics' upstream connections by state: connecting, connected, or backoff "
+            "(waiting to reconnect).",
+            ["route", "state"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_opened = Counter(
             "sse_gateway_connections_opened_total",
@@ -72,9 +115,22 @@ class Metrics:
             ["route", "outcome"],
             registry=r,
         )
+        self.subscription_seconds = Histogram(
+            "sse_gateway_subscription_duration_seconds",
+            "How long downstream streams lasted.",
+            ["route"],
+            registry=r,
+            buckets=DURATION_BUCKETS,
+        )
         self.upstream_connects = Counter(
             "sse_gateway_upstream_connects_total",
             "Upstream connection attempts that reached a streaming response.",
+            ["route"],
+            registry=r,
+        )
+        self.upstream_reconnects = Counter(
+            "sse_gateway_upstream_reconnects_total",
+            "Upstream connection attempts after the first of a topic.",
             ["route"],
             registry=r,
         )
@@ -98,9 +154,17 @@ class Metrics:
         )
         self.events_dropped = Counter(
             "sse_gateway_events_dropped_total",
-            "Upstream events not delivered, by reason.",
+            "Events not delivered, by reason: oversize or invalid upstream events (once each), "
+            "slow (once per subscriber that was cut off or gone when it came).",
             ["route", "reason"],
             registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "sse_gateway_delivery_seconds",
+            "Time from an upstream read to its events being written to the last subscriber.",
+            ["route"],
+            registry=r,
+            buckets=DELIVERY_BUCKETS,
         )
         self.heartbeats = Counter(
             "sse_gateway_heartbeats_total",
@@ -145,7 +209,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-
+        self.loop_lag = Histogram(
+            "sse_gateway_event_loop_lag_seconds",
+            "How late the event loop ran a timer: the time every callback waits.",
+            registry=r,
+            buckets=LAG_BUCKETS,
+        )
+        for reason in REJECT_REASONS:
+            self.requests_rejected.labels(reason)
         self._routes: dict[str, RouteMetrics] = {}
 
     def route(self, name: str) -> RouteMetrics:
@@ -155,6 +226,14 @@ class Metrics:
             bound = self._routes[name] = RouteMetrics(self, name)
         return bound
 
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition and its content type; the sum over workers in multi-process."""
+        registry = self.registry
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
 
 class RouteMetrics:
     """The children of every per-route family, bound once so the hot path skips label lookups."""
@@ -163,6 +242,7 @@ class RouteMetrics:
         "bytes_written",
         "catchup_requests",
         "closed",
+        "delivery_seconds",
         "dropped",
         "events_delivered",
         "events_received",
@@ -172,25 +252,30 @@ class RouteMetrics:
         "replayed_events",
         "replays",
         "subscribers",
+        "subscription_seconds",
         "topics",
         "upstream_connects",
         "upstream_failures",
-        "upstreams_connected",
+        "upstream_reconnects",
+        "upstream_states",
     )
 
     def __init__(self, m: Metrics, route: str) -> None:
         self.subscribers = m.subscribers.labels(route)
         self.topics = m.topics.labels(route)
-        self.upstreams_connected = m.upstreams_connected.labels(route)
+        self.upstream_states = {s: m.upstream_connections.labels(route, s) for s in UPSTREAM_STATES}
         self.opened = m.connections_opened.labels(route)
         self.closed = {o: m.connections_closed.labels(route, o) for o in OUTCOMES}
+        self.subscription_seconds = m.subscription_seconds.labels(route)
         self.upstream_connects = m.upstream_connects.labels(route)
+        self.upstream_reconnects = m.upstream_reconnects.labels(route)
         self.upstream_failures = {
             r: m.upstream_failures.labels(route, r) for r in UPSTREAM_FAILURES
         }
         self.events_received = m.events_received.labels(route)
         self.events_delivered = m.events_delivered.labels(route)
         self.dropped = {r: m.events_dropped.labels(route, r) for r in DROP_REASONS}
+        self.delivery_seconds = m.delivery_seconds.labels(route)
         self.heartbeats = m.heartbeats.labels(route)
         self.bytes_written = m.bytes_written.labels(route)
         self.replays = {o: m.replays.labels(route, o) for o in REPLAY_OUTCOMES}

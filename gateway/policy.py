@@ -14,7 +14,7 @@ import math
 import re
 
 from .config import LimitsConfig, RouteConfig
-from .errors import BadRequest, ClientLimit, Forbidden, OverCapacity, RateLimited
+from .errors import BadRequest, ClientLimit, CorsDenied, OverCapacity, RateLimited
 from .timing import Clock
 
 # What an id may not hold: the encoder refuses CR/LF/NUL, and other controls cannot be
@@ -36,13 +36,13 @@ def cors_headers(allowed: tuple[str, ...], origin: str | None) -> dict[str, str]
         return {"Access-Control-Allow-Origin": "*", "Vary": "Origin"}
     if origin in allowed:
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-    raise Forbidden("origin not allowed")
+    raise CorsDenied("origin not allowed")
 
 
 def preflight_headers(allowed: tuple[str, ...], origin: str | None) -> dict[str, str]:
     headers = cors_headers(allowed, origin)
     if "Access-Control-Allow-Origin" not in headers:
-        raise Forbidden("origin not allowed")
+        raise CorsDenied("origin not allowed")
     return headers | {
         "Access-Control-Allow-Methods": "GET",
         "Access-Control-Allow-Headers": PREFLIGHT_ALLOW_HEADERS,

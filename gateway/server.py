@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .app import drain, make_app, make_runner, reload
+from .app import METRICS, drain, make_app, make_metrics_app, make_runner, reload
 from .config import GatewayConfig, Listen
 from .demo import make_demo_app
 from .errors import ConfigError
@@ -106,6 +106,13 @@ async def serve(
         log.info("demo backend on http://%s", config.demo.listen)
     app = make_app(config)
     runner = await _start(make_runner(app), config.server.listen)
+    metrics_runner = None
+    if config.metrics.enabled and config.metrics.listen is not None:
+        metrics_app = make_metrics_app(app[METRICS], config.metrics.path)
+        metrics_runner = await _start(
+            web.AppRunner(metrics_app, access_log=None), config.metrics.listen
+        )
+        log.info("metrics on http://%s%s", config.metrics.listen, config.metrics.path)
     loop.add_signal_handler(signal.SIGHUP, on_reload)  # only now is there an app to reload
     log.info(
         "sse-gateway listening on http://%s (%d routes)", config.server.listen, len(config.routes)
@@ -117,6 +124,8 @@ async def serve(
         await drain(app)
     finally:
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         if demo_runner is not None:
             await demo_runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

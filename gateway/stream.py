@@ -262,6 +262,7 @@ async def serve(
         hub.unsubscribe(topic, downstream)
         outcome = downstream.outcome or "gone"
         metrics.closed[outcome].inc()
+        metrics.subscription_seconds.observe(hub.clock.now() - started)
         access.info(
             "stream closed: route=%s client=%s outcome=%s seconds=%.3f",
             route.name,

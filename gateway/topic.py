@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -70,7 +71,9 @@ class UpstreamSink(Protocol):
 
     def publish(self, events: Sequence[Event]) -> None: ...
 
-    def set_connected(self, connected: bool) -> None: ...
+    def set_state(self, state: str) -> None:
+        """The upstream connection's state: connecting, connected or backoff."""
+        ...
 
     def dropped(self, reason: str, count: int = 1) -> None: ...
 
@@ -110,11 +113,11 @@ class Topic:
         "_snapshot",
         "_upstream",
         "_upstreams",
-        "connected",
         "key",
         "last_publish",
         "metrics",
         "ring",
+        "state",
         "subscribers",
         "target",
     )
@@ -148,7 +151,8 @@ class Topic:
         self._batch: list[tuple[str | None, bytes]] = []
         self._upstream: asyncio.Task[None] | None = None
         self._linger: Timer | None = None
-        self.connected = False
+        self.state = "connecting"
+        metrics.upstream_states["connecting"].inc()
         self.last_publish = clock.now()
 
     # --- UpstreamSink ---------------------------------------------------------
@@ -156,6 +160,7 @@ class Topic:
     def publish(self, events: Sequence[Event]) -> None:
         if not events:
             return
+        started = time.perf_counter()
         self.metrics.events_received.inc(len(events))
         now = self._clock.now()
         ring = self.ring
@@ -178,6 +183,7 @@ class Topic:
         if snapshot is None:
             snapshot = self._snapshot = tuple((f, tuple(g)) for f, g in self._groups.items())
         reached = 0
+        refused = 0
         written = 0
         for framing, group in snapshot:
             data = framing(raw)
@@ -186,11 +192,16 @@ class Topic:
                 if sub.send(data):
                     group_reached += 1
             reached += group_reached
+            refused += len(group) - group_reached
             written += len(data) * group_reached
         # Counted once per batch (N at a time), never once per subscriber.
+        metrics = self.metrics
+        metrics.delivery_seconds.observe(time.perf_counter() - started)
         if reached:
-            self.metrics.events_delivered.inc(len(parts) * reached)
-            self.metrics.bytes_written.inc(written)
+            metrics.events_delivered.inc(len(parts) * reached)
+            metrics.bytes_written.inc(written)
+        if refused:
+            metrics.dropped["slow"].inc(len(parts) * refused)
         if self._catchups:
             self._batch = batch
             try:
@@ -201,10 +212,16 @@ class Topic:
             finally:
                 self._batch = []
 
-    def set_connected(self, connected: bool) -> None:
-        if connected != self.connected:
-            self.connected = connected
-            self.metrics.upstreams_connected.inc(1 if connected else -1)
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            states = self.metrics.upstream_states
+            states[self.state].dec()
+            states[state].inc()
+            self.state = state
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.metrics.dropped[reason].inc(count)
@@ -361,4 +378,6 @@ class Topic:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        self.set_connected(False)
+        if self.state:
+            self.metrics.upstream_states[self.state].dec()
+            self.state = ""  # stopped: counted in no state

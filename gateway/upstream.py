@@ -79,7 +79,12 @@ class UpstreamClient:
         # One parser for the topic's whole life: across reconnects it keeps the committed
         # last event id (an id inside an event cut off mid-way is not committed) and `retry`.
         parser = Parser(max_line_bytes=route.max_line_bytes, max_event_bytes=route.max_event_bytes)
+        attempts = 0
         while True:
+            sink.set_state("connecting")
+            if attempts:
+                metrics.upstream_reconnects.inc()
+            attempts += 1
             resume_id = parser.last_event_id
             if resume_id and not _NOT_FIELD_VALUE.search(resume_id):
                 headers["Last-Event-ID"] = resume_id
@@ -98,7 +103,7 @@ class UpstreamClient:
             except _Failed as failure:
                 reason, detail = failure.reason, failure.detail
             finally:
-                sink.set_connected(False)
+                sink.set_state("backoff")
                 parser.close()
             metrics.upstream_failures[reason].inc()
             delay = backoff.next_delay((parser.retry_ms or 0) / 1000)
@@ -148,7 +153,7 @@ class UpstreamClient:
                 if resp.content_type != "text/event-stream":
                     raise _Failed("content_type", f"content type {resp.content_type!r}")
                 connected = True
-                sink.set_connected(True)
+                sink.set_state("connected")
                 if backoff is not None:  # the topic's own stream, not a catch-up
                     metrics.upstream_connects.inc()
                     log.info(

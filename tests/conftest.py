@@ -83,6 +83,8 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
         # sets them.
         limits = {"max_subscribers_per_client": 0, "max_connections_per_second": 0}
         sections.setdefault("server", {}).setdefault("shutdown_timeout_seconds", 2)
+        # In-process there is no second listener: serve /metrics on the gateway's own port.
+        sections.setdefault("metrics", {}).setdefault("listen", "")
         limits.update(sections.pop("limits", {}))
         doc = {"routes": list(routes), "limits": limits, **sections}
         config = from_document(doc, {})

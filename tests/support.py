@@ -440,6 +440,7 @@ async def gateway_process(
     """`python -m gateway` as a child, ready once it logs that it listens; killed if left over."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
     env["SSE_GATEWAY_SERVER_DRAIN_SECONDS"] = "0.2"  # tests that time the drain set their own
+    env["SSE_GATEWAY_METRICS_LISTEN"] = ""  # on the main port unless a test wants the listener
     env.update(extra_env or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -58,7 +58,7 @@ async def test_disallowed_origin_gets_403_and_opens_no_upstream(
         assert resp.status == 403
         assert "Access-Control-Allow-Origin" not in resp.headers
     assert upstream.connections == []
-    assert gw.metric("sse_gateway_requests_rejected_total", reason="forbidden") == 1
+    assert gw.metric("sse_gateway_requests_rejected_total", reason="cors") == 1
 
     client = await connect(session, gw.url("/events/c"), headers={"Origin": APP})
     assert client.response.headers["Access-Control-Allow-Origin"] == APP

@@ -162,7 +162,8 @@ async def test_metrics_endpoint_exposes_the_core_series(
     for line in (
         'sse_gateway_subscribers{route="r"} 1.0',
         'sse_gateway_topics{route="r"} 1.0',
-        'sse_gateway_upstream_connections{route="r"} 1.0',
+        'sse_gateway_upstream_connections{route="r",state="connected"} 1.0',
+        'sse_gateway_upstream_connections{route="r",state="backoff"} 0.0',
         'sse_gateway_events_received_total{route="r"} 2.0',
         'sse_gateway_events_delivered_total{route="r"} 2.0',
     ):

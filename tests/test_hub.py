@@ -154,11 +154,13 @@ async def test_connected_state_is_counted_once(
     hub.subscribe(target, FakeSubscriber())
     await upstreams.wait_opened()
     sink = upstreams.sinks[target.topic_key]
-    sink.set_connected(True)
-    sink.set_connected(True)
-    assert value(metrics, "sse_gateway_upstream_connections") == 1
-    sink.set_connected(False)
-    assert value(metrics, "sse_gateway_upstream_connections") == 0
+    sink.set_state("connected")
+    sink.set_state("connected")
+    assert value(metrics, "sse_gateway_upstream_connections", state="connected") == 1
+    assert value(metrics, "sse_gateway_upstream_connections", state="connecting") == 0
+    sink.set_state("backoff")
+    assert value(metrics, "sse_gateway_upstream_connections", state="connected") == 0
+    assert value(metrics, "sse_gateway_upstream_connections", state="backoff") == 1
 
 
 async def test_upstream_runner_that_returns_ends_its_topic_too(

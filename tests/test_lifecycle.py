@@ -93,7 +93,7 @@ async def test_failing_upstream_is_retried_and_reported_and_other_topics_are_und
         await broken.wait_open("x")
         await broken.publish("x", *events("x", 1, 1))
         assert await victim.wait_events(1) == events("x", 1, 1)
-        assert gw.metric("sse_gateway_upstream_connections", route="b") == 1
+        assert gw.metric("sse_gateway_upstream_connections", route="b", state="connected") == 1
         healthy.close()
         victim.close()
     finally:
@@ -209,4 +209,5 @@ async def test_gauges_return_to_zero_when_clients_leave(
     await upstream.wait_closed("g1")
     assert gw.metric("sse_gateway_subscribers", route="r") == 0
     assert gw.metric("sse_gateway_topics", route="r") == 0
-    assert gw.metric("sse_gateway_upstream_connections", route="r") == 0
+    for state in ("connecting", "connected", "backoff"):
+        assert gw.metric("sse_gateway_upstream_connections", route="r", state=state) == 0

@@ -59,11 +59,12 @@ async def test_quick_start_flags_proxy_a_route_and_sigterm_drains_cleanly(
 async def test_default_configuration_serves_the_demo(session: aiohttp.ClientSession) -> None:
     # The embedded configuration binds fixed ports 8080/8081; move them with the
     # environment so a developer's running `make run` does not clash with the test.
-    port, demo_port = free_port(), free_port()
+    port, demo_port, metrics_port = free_port(), free_port(), free_port()
     env = {
         "SSE_GATEWAY_SERVER_LISTEN": f"127.0.0.1:{port}",
         "SSE_GATEWAY_DEMO_LISTEN": f"127.0.0.1:{demo_port}",
         "SSE_GATEWAY_DEMO_INTERVAL_SECONDS": "0.05",
+        "SSE_GATEWAY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
     }
     async with gateway_process([], env) as (proc, _):
         async with session.get(f"http://127.0.0.1:{port}/") as resp:
@@ -76,5 +77,13 @@ async def test_default_configuration_serves_the_demo(session: aiohttp.ClientSess
         received = await client.wait_events(2, timeout=10)
         assert int(received[1].data) == int(received[0].data) + 1
         client.close()
+        # Metrics on their own listener, not next to the public streams.
+        async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert 'sse_gateway_connections_opened_total{route="demo"}' in text
+        assert "process_open_fds" in text
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert resp.status == 404
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 15) == 0

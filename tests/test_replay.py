@@ -151,7 +151,7 @@ async def test_catch_up_that_ends_short_of_the_ring_times_out_into_a_gap(
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
     sink = upstreams.sinks[t.topic_key]
-    sink.set_connected(True)
+    sink.set_state("connected")
     sink.publish(numbered(50, 1))
     sub = FakeSubscriber()
     hub.subscribe(t, sub, "1")
@@ -178,7 +178,7 @@ async def test_catch_up_does_not_time_out_while_the_topic_upstream_is_down(
     upstreams.catchups[0][1].publish(numbered(6, 3))
     clock.advance(30)  # the topic's own upstream is still connecting
     assert sub.received == []
-    sink.set_connected(True)
+    sink.set_state("connected")
     sink.publish(numbered(6, 4))  # it comes back and meets the catch-up at 6
     assert ids(sub) == ["6", "7", "8", "9"]
 
@@ -190,7 +190,7 @@ async def test_catch_up_and_cap_time_out_when_the_topic_is_live(
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
     sink = upstreams.sinks[t.topic_key]
-    sink.set_connected(True)
+    sink.set_state("connected")
     sink.publish(numbered(50, 1))
     first, second = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(t, first, "1")
@@ -211,7 +211,7 @@ async def test_clients_returning_after_a_restart_share_one_catch_up_and_bridge_t
     for client in clients:
         hub.subscribe(t, client, "41")  # a gateway restart: everyone comes back with 41
     await upstreams.wait_opened()
-    upstreams.sinks[t.topic_key].set_connected(True)  # the topic itself opened live
+    upstreams.sinks[t.topic_key].set_state("connected")  # the topic itself opened live
     await upstreams.wait_catchups()
     upstreams.catchups[0][1].publish(numbered(42, 2))  # the history after 41, then quiet
     clock.advance(1.0)  # catch-up silent, topic live and silent: the history is complete

@@ -23,14 +23,14 @@ from .support import FakeClock, Upstream
 class RecordingSink:
     def __init__(self) -> None:
         self.events: list[Event] = []
-        self.states: list[bool] = []
+        self.states: list[str] = []
         self.drops: list[tuple[str, int]] = []
 
     def publish(self, events: Sequence[Event]) -> None:
         self.events.extend(events)
 
-    def set_connected(self, connected: bool) -> None:
-        self.states.append(connected)
+    def set_state(self, state: str) -> None:
+        self.states.append(state)
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.drops.append((reason, count))
@@ -76,7 +76,7 @@ async def test_reconnect_waits_at_least_the_upstreams_retry_and_resumes_with_las
             await upstream.wait_connections(2)
             assert upstream.connections[1].headers["Last-Event-ID"] == "42"
             assert [e.data for e in sink.events] == ["a", "b"]
-            assert sink.states[:2] == [True, False]
+            assert sink.states[:3] == ["connecting", "connected", "backoff"]
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
