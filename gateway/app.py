@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from . import policy, stream
+from .accesslog import AccessLog
 from .config import GatewayConfig
 from .errors import GatewayError, MethodNotAllowed
 from .heartbeat import HeartbeatWheel
@@ -53,6 +54,7 @@ HUB = web.AppKey("hub", Hub)
 WHEEL = web.AppKey("wheel", HeartbeatWheel)
 SETTINGS = web.AppKey("settings", Settings)
 ADMISSION = web.AppKey("admission", policy.Admission)
+ACCESS = web.AppKey("access", AccessLog)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Marks a request whose refusal the middleware already counted and logged.
@@ -67,9 +69,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except GatewayError as exc:
         request[_COUNTED] = True
         request.app[METRICS].requests_rejected.labels(exc.reason).inc()
-        # %r of the raw target: a decoded %0D%0A must not forge log lines.
-        log.info(
-            "rejected %s %r: %d %s", request.method, request.raw_path[:200], exc.status, exc.message
+        request.app[ACCESS].write(
+            "rejected",
+            {
+                "method": request.method,
+                "path": request.raw_path[:200],  # raw: a decoded %0D%0A forges nothing
+                "client": request.remote,
+                "status": exc.status,
+                "reason": exc.reason,
+                "message": exc.message,
+            },
         )
         return web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
 
@@ -84,19 +93,23 @@ class RejectionLog(AbstractAccessLogger):
 
     # Set on a per-app subclass by make_runner: aiohttp builds the logger itself.
     metrics: Metrics
+    access: AccessLog
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if response.status < 400 or request.get(_COUNTED):
             return
         self.metrics.requests_rejected.labels("malformed").inc()
-        self.logger.info("refused a malformed request from %s: %d", request.remote, response.status)
+        fields = {"client": request.remote, "status": response.status, "reason": "malformed"}
+        self.access.write("rejected", fields)
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner for a gateway app, with the limits that apply before any handler runs."""
     config = app[SETTINGS].config
     limits = config.limits
-    access_log = type("AppRejectionLog", (RejectionLog,), {"metrics": app[METRICS]})
+    access_log = type(
+        "AppRejectionLog", (RejectionLog,), {"metrics": app[METRICS], "access": app[ACCESS]}
+    )
     return web.AppRunner(
         app,
         # A stream handler must learn at once that its client left.
@@ -127,6 +140,7 @@ def make_app(
     app[LIFECYCLE] = Lifecycle()
     app[SETTINGS] = Settings(config, RouteTable(config.routes))
     app[ADMISSION] = policy.Admission(config.limits, clock)
+    app[ACCESS] = AccessLog(config.server.access_log)
     app[WHEEL] = HeartbeatWheel(
         clock, HeartbeatWheel.tick_for([r.heartbeat_seconds for r in config.routes])
     )
@@ -240,6 +254,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
             app[WHEEL],
             cors,
             last_event_id,
+            app[ACCESS],
             still_current=lambda: app[SETTINGS].routes is routes,
         )
     finally:

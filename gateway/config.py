@@ -88,6 +88,7 @@ class ServerConfig:
     drain_seconds: float
     shutdown_timeout_seconds: float
     log_level: str
+    access_log: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +406,12 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
             str,
             "info",
             lambda v: None if v in _LOG_LEVELS else f"one of {', '.join(_LOG_LEVELS)}",
+        ),
+        access_log=server.get(
+            "access_log",
+            str,
+            "text",
+            lambda v: None if v in ("text", "json", "off") else "one of text, json, off",
         ),
     )
     server.finish()

@@ -80,16 +80,21 @@ class Hub:
         topic._add(sub, last_event_id)
         return topic
 
-    def unsubscribe(self, topic: Topic, sub: Subscriber) -> None:
-        """Remove `sub`; the last one out starts the topic's linger timer."""
-        if not topic._remove(sub):
-            return
+    def unsubscribe(self, topic: Topic, sub: Subscriber) -> tuple[int, int]:
+        """Remove `sub`; the last one out starts the topic's linger timer.
+
+        Returns the (events, bytes) the topic handed `sub` live, for its access log line.
+        """
+        handed = topic._remove(sub)
+        if handed is None:
+            return (0, 0)
         topic.metrics.subscribers.dec()
         if topic.subscribers or self._topics.get(topic.key) is not topic:
-            return
+            return handed
         topic._linger = self.clock.call_later(
             topic.target.route.linger_seconds, lambda: self._expire(topic)
         )
+        return handed
 
     def _expire(self, topic: Topic) -> None:
         topic._linger = None

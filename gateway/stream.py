@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .errors import TopicLimit
 from .heartbeat import HeartbeatWheel
 from .hub import Hub
@@ -32,8 +33,6 @@ from .timing import Clock
 from .topic import Framing, Topic
 
 log = logging.getLogger(__name__)
-# One line per finished stream (issue 5 adds the full field set and JSON lines).
-access = logging.getLogger("gateway.access")
 
 HEARTBEAT = encode_comment("heartbeat")
 # asyncio's and uvloop's default write high-water mark: past it aiohttp's write_eof waits for
@@ -75,6 +74,8 @@ class Downstream:
         "heartbeat_seconds",
         "last_write",
         "outcome",
+        "own_bytes",
+        "own_events",
         "topics",
     )
 
@@ -108,6 +109,10 @@ class Downstream:
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.outcome: str | None = None
         self.last_write = clock.now()
+        # What this subscriber was written besides the topic's live batches (the topic counts
+        # those once per batch): replays, gap notices, heartbeats, the retry hint.
+        self.own_events = 0
+        self.own_bytes = 0
 
     def send(self, data: bytes) -> bool:
         if self.outcome is not None:
@@ -129,11 +134,13 @@ class Downstream:
         transport.write(data)
         return True
 
-    def replay(self, data: bytes) -> bool:
+    def replay(self, data: bytes, events: int) -> bool:
         if not self.send(data):
             return False
         self._allowance = len(data)
         self._metrics.bytes_written.inc(len(data))
+        self.own_events += events
+        self.own_bytes += len(data)
         return True
 
     def _blocked_too_long(self) -> bool:
@@ -150,6 +157,7 @@ class Downstream:
         self.last_write = self._clock.now()
         self._metrics.heartbeats.inc()
         self._metrics.bytes_written.inc(len(self._heartbeat))
+        self.own_bytes += len(self._heartbeat)
         return True
 
     def last_activity(self) -> float:
@@ -170,6 +178,7 @@ class Downstream:
             transport.abort()
         elif outcome in ("shutdown", "reload") and self._goodbye and not transport.is_closing():
             transport.write(self._goodbye)
+            self.own_bytes += len(self._goodbye)
         if not self.closed.done():
             self.closed.set_result(outcome)
 
@@ -199,6 +208,7 @@ async def serve(
     wheel: HeartbeatWheel,
     extra_headers: dict[str, str],
     last_event_id: str | None,
+    access: AccessLog,
     still_current: Callable[[], bool] = lambda: True,
 ) -> web.StreamResponse:
     """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
@@ -237,6 +247,7 @@ async def serve(
         metrics=metrics,
     )
     metrics.bytes_written.inc(len(preamble))
+    downstream.own_bytes += len(preamble)
     started = hub.clock.now()
     if hub.is_closing() or not still_current():
         # Shutdown began, or a reload changed the routes, while the preamble was written:
@@ -259,15 +270,22 @@ async def serve(
         # outcome stands (a "slow" abort also cancels this task through connection_lost).
         downstream.close("gone")
         wheel.discard(downstream)
-        hub.unsubscribe(topic, downstream)
+        live_events, live_bytes = hub.unsubscribe(topic, downstream)
         outcome = downstream.outcome or "gone"
+        seconds = hub.clock.now() - started
         metrics.closed[outcome].inc()
-        metrics.subscription_seconds.observe(hub.clock.now() - started)
-        access.info(
-            "stream closed: route=%s client=%s outcome=%s seconds=%.3f",
-            route.name,
-            request.remote,
-            outcome,
-            hub.clock.now() - started,
+        metrics.subscription_seconds.observe(seconds)
+        access.write(
+            "stream",
+            {
+                "route": route.name,
+                "topic": target.upstream_url,
+                "client": request.remote,
+                "status": 200,
+                "seconds": round(seconds, 3),
+                "events": live_events + downstream.own_events,
+                "bytes": live_bytes + downstream.own_bytes,
+                "outcome": outcome,
+            },
         )
     return resp

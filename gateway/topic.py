@@ -57,8 +57,9 @@ class Subscriber(Protocol):
         """Write without waiting; False once the subscriber is gone or was cut off."""
         ...
 
-    def replay(self, data: bytes) -> bool:
-        """Like send, for a replay: its size must not count against the backlog limit."""
+    def replay(self, data: bytes, events: int) -> bool:
+        """Like send, for a replay of `events` events: its size must not count against the
+        backlog limit."""
         ...
 
     def close(self, outcome: str) -> None:
@@ -104,10 +105,13 @@ class Topic:
 
     __slots__ = (
         "_batch",
+        "_bytes_out",
         "_catchups",
         "_clock",
+        "_events_out",
         "_groups",
         "_linger",
+        "_live_since",
         "_on_failed",
         "_pending",
         "_snapshot",
@@ -147,6 +151,11 @@ class Topic:
         self._snapshot: tuple[tuple[Framing, tuple[Subscriber, ...]], ...] | None = None
         self._catchups: dict[str, CatchUp] = {}
         self._pending: dict[Subscriber, CatchUp] = {}
+        # What every live subscriber was handed, counted once per batch: a subscriber's own
+        # share is the difference since it went live (for its access log line).
+        self._events_out = 0
+        self._bytes_out: dict[Framing, int] = {}
+        self._live_since: dict[Subscriber, tuple[int, int]] = {}
         # The batch being published, while catch-ups look at it (see catchup_done).
         self._batch: list[tuple[str | None, bytes]] = []
         self._upstream: asyncio.Task[None] | None = None
@@ -185,8 +194,11 @@ class Topic:
         reached = 0
         refused = 0
         written = 0
+        self._events_out += len(parts)
+        bytes_out = self._bytes_out
         for framing, group in snapshot:
             data = framing(raw)
+            bytes_out[framing] = bytes_out.get(framing, 0) + len(data)
             group_reached = 0
             for sub in group:
                 if sub.send(data):
@@ -231,10 +243,11 @@ class Topic:
     def _join_live(self, sub: Subscriber) -> None:
         self._groups.setdefault(sub.framing, {})[sub] = None
         self._snapshot = None
+        self._live_since[sub] = (self._events_out, self._bytes_out.get(sub.framing, 0))
 
     def _send_parts(self, sub: Subscriber, parts: list[bytes], tail: bytes = b"") -> None:
         if parts or tail:
-            sub.replay(sub.framing(b"".join(parts) + tail))
+            sub.replay(sub.framing(b"".join(parts) + tail), len(parts) + bool(tail))
             self.metrics.replayed_events.inc(len(parts))
 
     def _resume(self, sub: Subscriber, last_event_id: str) -> None:
@@ -330,10 +343,14 @@ class Topic:
         else:
             self._join_live(sub)
 
-    def _remove(self, sub: Subscriber) -> bool:
+    def _remove(self, sub: Subscriber) -> tuple[int, int] | None:
+        """Remove `sub`; None if it was not here, else the (events, bytes) it was handed live."""
         if sub not in self.subscribers:
-            return False
+            return None
         del self.subscribers[sub]
+        now_out = (self._events_out, self._bytes_out.get(sub.framing, 0))
+        events0, bytes0 = self._live_since.pop(sub, now_out)  # never live: nothing handed
+        handed = (now_out[0] - events0, now_out[1] - bytes0)
         group = self._groups.get(sub.framing)
         if group is not None and sub in group:
             del group[sub]
@@ -345,7 +362,7 @@ class Topic:
             catchup.fail("catch_up_ended")  # nobody waits for it any more
         if self in sub.topics:
             sub.topics.remove(self)
-        return True
+        return handed
 
     def _start(self) -> None:
         self._upstream = asyncio.create_task(self._run_upstream(), name=f"upstream {self.key}")

@@ -381,7 +381,7 @@ class FakeSubscriber:
         self.changes.notify()
         return True
 
-    def replay(self, data: bytes) -> bool:
+    def replay(self, data: bytes, events: int) -> bool:
         return self.send(data)
 
     def close(self, outcome: str) -> None:

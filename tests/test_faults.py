@@ -280,18 +280,18 @@ DOWNSTREAM_FAULTS: dict[
     ),
     # aiohttp closes it silently: no log line, no metric (see the issue note).
     "slowloris": (slowloris, "", "", ""),
-    "garbage": (garbage, "sse_gateway_requests_rejected_total", "malformed", "malformed request"),
+    "garbage": (garbage, "sse_gateway_requests_rejected_total", "malformed", "reason=malformed"),
     "oversized_header": (
         oversized_header,
         "sse_gateway_requests_rejected_total",
         "malformed",
-        "malformed request",
+        "reason=malformed",
     ),
     "control_characters_in_path": (
         control_characters_in_path,
         "sse_gateway_requests_rejected_total",
         "bad_request",
-        "rejected GET",
+        "rejected method=GET",
     ),
     "control_characters_in_last_event_id": (
         control_characters_in_last_event_id,

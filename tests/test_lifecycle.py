@@ -175,6 +175,7 @@ async def test_an_id_that_cannot_be_a_header_does_not_take_the_topic_down(
     await client.wait_events(2)
     assert not client.ended
     assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="error") == 0
+    client.close()
 
 
 async def test_topic_cap_refuses_new_topics_with_503_but_serves_open_ones(

@@ -78,11 +78,14 @@ def reference_parse(stream: bytes) -> tuple[list[Event], str, int | None]:
             start = i + 1
         i += 1
     events: list[Event] = []
-    data = event_type = last_id = ""
+    # last_id is the spec's "last event ID string", committed at each blank line (dispatch
+    # step 1); id_buffer is its "last event ID buffer", set by id lines.
+    data = event_type = last_id = id_buffer = ""
     block_id: str | None = None
     retry: int | None = None
     for line in lines:
         if line == "":
+            last_id = id_buffer
             if data:
                 events.append(Event(data.removesuffix("\n"), event_type or "message", block_id))
             data = event_type = ""
@@ -97,7 +100,7 @@ def reference_parse(stream: bytes) -> tuple[list[Event], str, int | None]:
         elif name == "data":
             data += value + "\n"
         elif name == "id" and "\0" not in value:
-            last_id = block_id = value
+            id_buffer = block_id = value
         elif name == "retry" and value and all(c in "0123456789" for c in value):
             retry = int(value)
     return events, last_id, retry
