@@ -3,7 +3,7 @@
 Plain `key=value` text (values quoted when needed, control characters escaped,
 so a hostile path cannot forge a line) or JSON lines, chosen by
 `[server] access_log`. Lines carry no secrets: no headers, no query strings
-beyond the raw path (truncated), no tokens.
+(they may carry tokens), only the raw path, truncated.
 """
 
 from __future__ import annotations

@@ -73,7 +73,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "rejected",
             {
                 "method": request.method,
-                "path": request.raw_path[:200],  # raw: a decoded %0D%0A forges nothing
+                # Raw (a decoded %0D%0A forges nothing) and without the query string, which
+                # may carry a token.
+                "path": request.raw_path.partition("?")[0][:200],
                 "client": request.remote,
                 "status": exc.status,
                 "reason": exc.reason,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -158,7 +162,7 @@ async def test_access_log_lines_carry_the_fields(
         assert rejected == {
             "kind": "rejected",
             "method": "GET",
-            "path": "/events/a%2Fb?token=s3cret",
+            "path": "/events/a%2Fb",
             "client": "127.0.0.1",
             "status": 400,
             "reason": "bad_request",
@@ -172,3 +176,32 @@ async def test_access_log_lines_carry_the_fields(
         assert "reason=bad_request" in rejected_line
     assert "\n" not in stream_line
     assert "\n" not in rejected_line
+    assert not any("s3cret" in line for line in log.records)  # no query strings, no tokens
+
+
+@pytest.mark.process
+def test_multiprocess_mode_sums_the_workers(tmp_path: Path) -> None:
+    """One setting (PROMETHEUS_MULTIPROC_DIR) and /metrics reports the sum over workers."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    worker = (
+        "from gateway.metrics import Metrics\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "m = Metrics(CollectorRegistry()).route('r')\n"
+        "m.opened.inc(int(__import__('sys').argv[1]))\n"
+    )
+    for count in ("3", "4"):  # two workers, each counting its own streams
+        subprocess.run([sys.executable, "-c", worker, count], env=env, check=True, timeout=30)
+    reader = (
+        "from gateway.metrics import Metrics\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "print(Metrics(CollectorRegistry()).exposition()[0].decode())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", reader],
+        env=env,
+        check=True,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert 'sse_gateway_connections_opened_total{route="r"} 7.0' in out
