@@ -294,7 +294,7 @@ def test_final_stage_environment_ports_and_signals(dockerfile: list[Stage]) -> N
         labels.update(pairs(instruction))
     assert labels["org.opencontainers.image.title"] == PYPROJECT["project"]["name"]
     assert labels["org.opencontainers.image.version"] == PYPROJECT["project"]["version"]
-    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]["text"]
+    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]
 
 
 def test_entrypoint_is_the_console_script_in_exec_form(dockerfile: list[Stage]) -> None:
