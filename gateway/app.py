@@ -9,6 +9,8 @@ the hub sees upstreams only through the `UpstreamFactory` it is handed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,12 +22,13 @@ from aiohttp.abc import AbstractAccessLogger
 
 from . import policy, stream
 from .accesslog import AccessLog
+from .auth import Authorizer
 from .config import GatewayConfig
 from .errors import GatewayError, MethodNotAllowed
 from .heartbeat import HeartbeatWheel
 from .hub import Hub
 from .metrics import Metrics
-from .route import RouteTable
+from .route import RouteTable, Target
 from .timing import Clock, MonotonicClock
 from .topic import Upstreams
 from .upstream import UpstreamClient
@@ -55,6 +58,22 @@ WHEEL = web.AppKey("wheel", HeartbeatWheel)
 SETTINGS = web.AppKey("settings", Settings)
 ADMISSION = web.AppKey("admission", policy.Admission)
 ACCESS = web.AppKey("access", AccessLog)
+AUTHORIZER = web.AppKey("authorizer", Authorizer)
+
+# Connection-level headers a proxy never forwards (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_direct_ids = itertools.count(1)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Marks a request whose refusal the middleware already counted and logged.
@@ -148,14 +167,12 @@ def make_app(
     )
 
     async def hub_context(app: web.Application) -> AsyncIterator[None]:
-        session = None
-        client = upstreams
-        if client is None:
-            # No connection cap here: topics are capped per route, and each holds one connection.
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
-            session = aiohttp.ClientSession(connector=connector, trust_env=False)
-            client = UpstreamClient(session, metrics, clock)
+        # No connection cap here: topics are capped per route, and each holds one connection.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+        session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        client = upstreams if upstreams is not None else UpstreamClient(session, metrics, clock)
         app[HUB] = Hub(client, clock, metrics)
+        app[AUTHORIZER] = Authorizer(session, clock)
         for route in config.routes:
             metrics.route(route.name)  # every series exists, at 0, before its first event
         lag = asyncio.create_task(watch_loop_lag(metrics), name="loop lag")
@@ -163,8 +180,7 @@ def make_app(
         lag.cancel()
         await app[HUB].close()
         app[WHEEL].close()
-        if session is not None:
-            await session.close()
+        await session.close()
 
     async def on_shutdown(app: web.Application) -> None:
         # aiohttp has stopped accepting; end every stream so handlers return.
@@ -231,14 +247,18 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     target = settings.routes.resolve(request.raw_path, request.query.items())
     origin = request.headers.get("Origin")
     if request.method == "OPTIONS":
-        headers = policy.preflight_headers(target.route.cors_origins, origin)
+        headers = policy.preflight_headers(target.route, origin)
         return web.Response(status=204, headers=headers)
-    cors = policy.cors_headers(target.route.cors_origins, origin)
+    cors = policy.cors_headers(target.route, origin)
     last_event_id = policy.client_last_event_id(
         request.headers.get("Last-Event-ID"),
         request.query.get("lastEventId"),
         settings.config.limits.max_last_event_id_bytes,
     )
+    grant = await app[AUTHORIZER].check(request, target)
+    if target.route.mode == "direct":
+        # The client's own upstream request carries its Last-Event-ID: nothing to replay here.
+        target, last_event_id = direct_target(request, target, last_event_id), None
     if not app[LIFECYCLE].ready:
         return await stream.turn_away(request, target, cors)
     admission = app[ADMISSION]
@@ -257,10 +277,37 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
             cors,
             last_event_id,
             app[ACCESS],
+            expires_at=grant.expires_at,
             still_current=lambda: app[SETTINGS].routes is routes,
         )
     finally:
         admission.leave(client, route)
+
+
+def direct_target(request: web.Request, target: Target, last_event_id: str | None) -> Target:
+    """A private topic for one client: its upstream request carries this client's headers.
+
+    Only the route's allow-listed `forward_headers` (never hop-by-hop ones), the
+    standard forwarding headers (set fresh: this gateway is the edge) and the
+    client's Last-Event-ID reach the upstream.
+    """
+    route = target.route
+    headers = [
+        (name, request.headers[name])
+        for name in route.forward_headers
+        if name in request.headers and name.lower() not in HOP_BY_HOP
+    ]
+    peer, proto, host = request.remote or "unknown", request.scheme, request.host
+    headers += [
+        ("X-Forwarded-For", peer),
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", host),
+        ("Forwarded", f'for="{peer}";proto={proto};host="{host}"'),
+    ]
+    if last_event_id:
+        headers.append(("Last-Event-ID", last_event_id))
+    key = f"{target.topic_key} #{next(_direct_ids)}"
+    return dataclasses.replace(target, topic_key=key, client_headers=tuple(headers))
 
 
 async def drain(app: web.Application) -> None:

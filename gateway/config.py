@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .authconfig import NO_AUTH, AuthConfig, read_auth
 from .errors import ConfigError
 
 DEFAULT_PARAM_PATTERN = r"[A-Za-z0-9._~-]+"
@@ -29,6 +30,21 @@ ENV_PREFIX = "SSE_GATEWAY_"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _NOT_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9110 5.5
+# An origin, where "*." before the host stands for one or more subdomain labels.
+_ORIGIN = re.compile(r"https?://(\*\.)?[A-Za-z0-9.-]+(:\d+)?")
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    )
+)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 
@@ -80,11 +96,24 @@ class RouteConfig:
     catchup_timeout_seconds: float
     catchup_max_bytes: int
     cors_origins: tuple[str, ...]
+    cors_credentials: bool
+    cors_expose_headers: tuple[str, ...]
+    cors_max_age_seconds: int
+    # shared: one upstream per topic for everyone; direct: one upstream request per client,
+    # carrying that client's `forward_headers` (per-user streams).
+    mode: str
+    forward_headers: tuple[str, ...]
+    upstream_ca_file: str | None
+    upstream_client_cert_file: str | None
+    upstream_client_key_file: str | None
+    auth: AuthConfig = NO_AUTH
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: Listen
+    tls_cert_file: str | None
+    tls_key_file: str | None
     drain_seconds: float
     shutdown_timeout_seconds: float
     log_level: str
@@ -201,6 +230,12 @@ def _non_negative(value: float) -> str | None:
     return None if value >= 0 and math.isfinite(value) else "must be 0 or greater"
 
 
+def _readable(value: str) -> str | None:
+    if not value:
+        return None
+    return None if os.access(value, os.R_OK) else f"cannot read {value!r}"
+
+
 def _listen(value: str) -> str | None:
     return None if _parse_listen(value) is not None else "expected HOST:PORT, e.g. 127.0.0.1:8080"
 
@@ -239,6 +274,9 @@ _ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None],
     ("max_catchups", int, 4, _non_negative),
     ("catchup_timeout_seconds", float, 10.0, _positive),
     ("catchup_max_bytes", int, 1024 * 1024, _positive),
+    ("cors_credentials", bool, False, None),
+    ("cors_max_age_seconds", int, 600, _non_negative),
+    ("mode", str, "shared", lambda v: None if v in ("shared", "direct") else "shared or direct"),
 )
 
 
@@ -248,10 +286,30 @@ def _read_route_options(table: _Table, base: Mapping[str, Any]) -> dict[str, Any
     }
     options["cors_origins"] = table.strings("cors_origins", base["cors_origins"])
     for origin in options["cors_origins"]:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
             table.problem(
-                "cors_origins", f"{origin!r} is not an origin like https://app.example.com or *"
+                "cors_origins",
+                f"{origin!r} is not an origin like https://app.example.com, "
+                "https://*.example.com or *",
             )
+    options["cors_expose_headers"] = table.strings(
+        "cors_expose_headers", base["cors_expose_headers"]
+    )
+    options["forward_headers"] = table.strings("forward_headers", base["forward_headers"])
+    for name in ("cors_expose_headers", "forward_headers"):
+        for header in options[name]:
+            if not _HEADER_NAME.fullmatch(header):
+                table.problem(name, f"{header!r} is not a header name")
+            elif name == "forward_headers" and header.lower() in _HOP_BY_HOP:
+                table.problem(name, f"{header!r} is hop-by-hop: a proxy never forwards it")
+    for name in ("upstream_ca_file", "upstream_client_cert_file", "upstream_client_key_file"):
+        options[name] = table.get(name, str, base[name] or "", _readable) or None
+    if options["cors_credentials"] and "*" in options["cors_origins"]:
+        # Browsers refuse credentials with "*", and echoing every origin with credentials
+        # would let any site read the stream as the user: name the origins.
+        table.problem("cors_credentials", 'cannot be used with cors_origins = ["*"]')
+    if bool(options["upstream_client_cert_file"]) != bool(options["upstream_client_key_file"]):
+        table.problem("upstream_client_key_file", "goes with upstream_client_cert_file")
     return options
 
 
@@ -305,6 +363,7 @@ def _read_route(
     patterns = table.table("params")
     query = table.strings("query", ())
     headers = _read_headers(table.table("upstream_headers"), environ)
+    auth = read_auth(table.table("auth"), environ)
     options = _read_route_options(table, defaults)
     table.finish()
     if path is _MISSING or upstream is _MISSING:
@@ -345,6 +404,7 @@ def _read_route(
         params=tuple(params),
         query=query,
         upstream_headers=headers,
+        auth=auth,
         **options,
     )
 
@@ -399,6 +459,8 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
     listen = server.get("listen", str, "127.0.0.1:8080", _listen)
     server_config = ServerConfig(
         listen=_parse_listen(listen) or Listen("127.0.0.1", 8080),
+        tls_cert_file=server.get("tls_cert_file", str, "", _readable) or None,
+        tls_key_file=server.get("tls_key_file", str, "", _readable) or None,
         drain_seconds=server.get("drain_seconds", float, 5.0, _non_negative),
         shutdown_timeout_seconds=server.get("shutdown_timeout_seconds", float, 10.0, _non_negative),
         log_level=server.get(
@@ -451,7 +513,14 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
     )
     demo.finish()
 
-    base = {name: default for name, _, default, _ in _ROUTE_OPTIONS} | {"cors_origins": ()}
+    base = {name: default for name, _, default, _ in _ROUTE_OPTIONS} | {
+        "cors_origins": (),
+        "cors_expose_headers": (),
+        "forward_headers": ("Cookie", "Authorization"),
+        "upstream_ca_file": None,
+        "upstream_client_cert_file": None,
+        "upstream_client_key_file": None,
+    }
     defaults_table = root.table("defaults")
     defaults = _read_route_options(defaults_table, base)
     defaults_table.finish()

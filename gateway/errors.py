@@ -35,6 +35,26 @@ class Forbidden(GatewayError):
     reason = "forbidden"
 
 
+class Unauthorized(GatewayError):
+    """No credentials, or credentials that do not verify (expired, bad signature)."""
+
+    status = 401
+    reason = "auth"
+
+
+class AuthDenied(Forbidden):
+    """Valid credentials that may not subscribe to this topic."""
+
+    reason = "auth"
+
+
+class AuthUnavailable(GatewayError):
+    """The authorization backend or key source cannot answer: fail closed."""
+
+    status = 503
+    reason = "auth_unavailable"
+
+
 class CorsDenied(Forbidden):
     """The request's Origin is not on the route's list."""
 

@@ -91,9 +91,10 @@ class Hub:
         topic.metrics.subscribers.dec()
         if topic.subscribers or self._topics.get(topic.key) is not topic:
             return handed
-        topic._linger = self.clock.call_later(
-            topic.target.route.linger_seconds, lambda: self._expire(topic)
-        )
+        route = topic.target.route
+        # A direct topic is one client's own upstream request: nobody else can reuse it.
+        linger = 0.0 if route.mode == "direct" else route.linger_seconds
+        topic._linger = self.clock.call_later(linger, lambda: self._expire(topic))
         return handed
 
     def _expire(self, topic: Topic) -> None:
@@ -101,8 +102,8 @@ class Hub:
         if not topic.subscribers and self._topics.get(topic.key) is topic:
             self._close_topic(topic, "normal")
 
-    def _failed(self, topic: Topic) -> None:
-        self._close_topic(topic, "error")
+    def _failed(self, topic: Topic, outcome: str) -> None:
+        self._close_topic(topic, outcome)
 
     def _close_topic(self, topic: Topic, outcome: str) -> None:
         if self._topics.get(topic.key) is topic:

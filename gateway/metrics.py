@@ -36,7 +36,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Why a connection ended; the `outcome` label of connections_closed_total.
-OUTCOMES = ("normal", "slow", "gone", "shutdown", "error", "limit", "reload")
+OUTCOMES = ("normal", "slow", "gone", "shutdown", "error", "limit", "reload", "auth")
 # Why an upstream attempt failed; the `reason` label of upstream_failures_total.
 UPSTREAM_FAILURES = ("connect", "status", "content_type", "read", "timeout", "eof")
 # What a topic's upstream connection is doing; the `state` label.
@@ -51,6 +51,8 @@ REJECT_REASONS = (
     "not_found",
     "bad_request",
     "cors",
+    "auth",
+    "auth_unavailable",
     "method_not_allowed",
     "unavailable",
     "topic_limit",

@@ -2,14 +2,18 @@
 
 CORS rules (Fetch standard): with an origin allow-list the exact request
 origin is echoed and `Vary: Origin` is always sent, so a shared cache never
-serves one origin's answer to another; `*` is used only when the route
-allows any origin (this route type never sends credentials). A request
-without `Origin` is not a CORS request and passes untouched. A disallowed
-origin is refused with 403 before any upstream is contacted.
+serves one origin's answer to another. `Access-Control-Allow-Credentials`
+is sent only on routes that ask for it, and only with a named origin: `*`
+is used only for a route that allows any origin without credentials (the
+configuration refuses the combination). `https://*.example.com` allows any
+subdomain. A request without `Origin` is not a CORS request and passes
+untouched. A disallowed origin, `null` included, is refused with 403 before
+any upstream is contacted.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -21,32 +25,55 @@ from .timing import Clock
 # sent back to an upstream as a header value.
 _BAD_ID = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
-PREFLIGHT_MAX_AGE_SECONDS = 600
-# The headers EventSource polyfills and fetch-based clients send on a stream request.
+# The request headers EventSource polyfills and fetch-based clients send on a stream request.
 PREFLIGHT_ALLOW_HEADERS = "Last-Event-ID, Cache-Control, Authorization"
 
 
-def cors_headers(allowed: tuple[str, ...], origin: str | None) -> dict[str, str]:
-    """The CORS response headers for a stream request, or Forbidden."""
+@functools.lru_cache(maxsize=256)
+def _origin_pattern(allowed: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex per allow-list: exact origins, and "*." standing for subdomain labels."""
+    parts = []
+    for origin in allowed:
+        if origin == "*":
+            continue
+        scheme, _, host = origin.partition("://")
+        if host.startswith("*."):
+            parts.append(re.escape(scheme) + r"://(?:[A-Za-z0-9-]+\.)+" + re.escape(host[2:]))
+        else:
+            parts.append(re.escape(origin))
+    return re.compile("|".join(parts) or r"(?!)", re.IGNORECASE)
+
+
+def cors_headers(route: RouteConfig, origin: str | None) -> dict[str, str]:
+    """The CORS response headers for a stream request, or CorsDenied."""
+    allowed = route.cors_origins
     if not allowed:
         return {}
     if origin is None:
         return {"Vary": "Origin"}
-    if "*" in allowed:
-        return {"Access-Control-Allow-Origin": "*", "Vary": "Origin"}
-    if origin in allowed:
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    headers = {"Vary": "Origin"}
+    if route.cors_expose_headers:
+        headers["Access-Control-Expose-Headers"] = ", ".join(route.cors_expose_headers)
+    if "*" in allowed:  # config refuses "*" together with credentials
+        return headers | {"Access-Control-Allow-Origin": "*"}
+    # "null" (sandboxed frames, file: pages) never matches a list of real origins.
+    if origin != "null" and _origin_pattern(allowed).fullmatch(origin):
+        headers["Access-Control-Allow-Origin"] = origin
+        if route.cors_credentials:
+            headers["Access-Control-Allow-Credentials"] = "true"
+        return headers
     raise CorsDenied("origin not allowed")
 
 
-def preflight_headers(allowed: tuple[str, ...], origin: str | None) -> dict[str, str]:
-    headers = cors_headers(allowed, origin)
+def preflight_headers(route: RouteConfig, origin: str | None) -> dict[str, str]:
+    headers = cors_headers(route, origin)
     if "Access-Control-Allow-Origin" not in headers:
         raise CorsDenied("origin not allowed")
+    headers.pop("Access-Control-Expose-Headers", None)
     return headers | {
         "Access-Control-Allow-Methods": "GET",
         "Access-Control-Allow-Headers": PREFLIGHT_ALLOW_HEADERS,
-        "Access-Control-Max-Age": str(PREFLIGHT_MAX_AGE_SECONDS),
+        "Access-Control-Max-Age": str(route.cors_max_age_seconds),
     }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from .config import RouteConfig
@@ -34,6 +34,10 @@ class Target:
     route: RouteConfig
     upstream_url: str
     topic_key: str
+    # The decoded path parameters, in the order of the path (the topic's name for auth).
+    params: tuple[str, ...] = ()
+    # Direct mode only: the headers this one client's upstream request carries.
+    client_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 class CompiledRoute:
@@ -111,5 +115,7 @@ class RouteTable:
                 url = route.upstream_url(values, query)
                 # The topic key names the route too, so two routes that share
                 # an upstream URL keep their own settings and subscribers.
-                return Target(route.config, url, f"{route.config.name} {url}")
+                return Target(
+                    route.config, url, f"{route.config.name} {url}", tuple(values.values())
+                )
         raise NotFound("no route for this path")

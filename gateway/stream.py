@@ -176,7 +176,11 @@ class Downstream:
             # Drop what is queued: keeping it would keep the memory the limit exists to bound,
             # and a clean end (write_eof) would wait on a client that is not reading.
             transport.abort()
-        elif outcome in ("shutdown", "reload") and self._goodbye and not transport.is_closing():
+        elif (
+            outcome in ("shutdown", "reload", "auth")
+            and self._goodbye
+            and not transport.is_closing()
+        ):
             transport.write(self._goodbye)
             self.own_bytes += len(self._goodbye)
         if not self.closed.done():
@@ -209,6 +213,7 @@ async def serve(
     extra_headers: dict[str, str],
     last_event_id: str | None,
     access: AccessLog,
+    expires_at: float | None = None,
     still_current: Callable[[], bool] = lambda: True,
 ) -> web.StreamResponse:
     """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
@@ -263,9 +268,20 @@ async def serve(
         return resp
     wheel.add(downstream)
     metrics.opened.inc()
+    # The grant ends with the client's token: close then, with a retry hint, so the client
+    # comes back with a fresh token and its Last-Event-ID.
+    expiry = (
+        hub.clock.call_later(
+            max(0.0, expires_at - hub.clock.now()), lambda: downstream.close("auth")
+        )
+        if expires_at is not None
+        else None
+    )
     try:
         await downstream.closed
     finally:
+        if expiry is not None:
+            expiry.cancel()
         # Cancelled by aiohttp = the client went away; otherwise the first recorded
         # outcome stands (a "slow" abort also cancels this task through connection_lost).
         downstream.close("gone")

@@ -132,7 +132,7 @@ class Topic:
         metrics: RouteMetrics,
         clock: Clock,
         upstreams: Upstreams,
-        on_failed: Callable[[Topic], None],
+        on_failed: Callable[[Topic, str], None],
     ) -> None:
         route = target.route
         self._clock = clock
@@ -375,10 +375,13 @@ class Topic:
         except Exception:
             log.exception("upstream runner for %s crashed", self.key)
         else:
+            if self.target.route.mode == "direct":
+                self._on_failed(self, "normal")  # its upstream ended: so does the client's stream
+                return
             log.error("upstream runner for %s returned", self.key)
-        # A runner retries by itself until cancelled; reaching here is a bug. Contain it to
-        # this topic: end its subscribers so they reconnect and the topic starts afresh.
-        self._on_failed(self)
+        # A shared runner retries by itself until cancelled; reaching here is a bug. Contain
+        # it to this topic: end its subscribers so they reconnect and the topic starts afresh.
+        self._on_failed(self, "error")
 
     async def _stop(self) -> None:
         if self._linger is not None:

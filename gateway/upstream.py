@@ -31,6 +31,7 @@ from .metrics import Metrics, RouteMetrics
 from .route import Target
 from .sse import Parser
 from .timing import Backoff, Clock
+from .tls import client_context
 from .topic import UpstreamSink
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,16 @@ class UpstreamClient:
             route.reconnect_initial_seconds, route.reconnect_max_seconds, rng=self._rng
         )
         headers = _request_headers(target)
+        headers.update(target.client_headers)  # direct mode: this client's own headers
         timeout = _timeout(target)
         # One parser for the topic's whole life: across reconnects it keeps the committed
         # last event id (an id inside an event cut off mid-way is not committed) and `retry`.
-        parser = Parser(max_line_bytes=route.max_line_bytes, max_event_bytes=route.max_event_bytes)
+        parser = Parser(
+            max_line_bytes=route.max_line_bytes,
+            max_event_bytes=route.max_event_bytes,
+            # Direct mode: the client's own Last-Event-ID is where its stream resumes.
+            last_event_id=dict(target.client_headers).get("Last-Event-ID", ""),
+        )
         attempts = 0
         while True:
             sink.set_state("connecting")
@@ -106,6 +113,11 @@ class UpstreamClient:
                 sink.set_state("backoff")
                 parser.close()
             metrics.upstream_failures[reason].inc()
+            if route.mode == "direct":
+                # One request per client: when it ends the client's stream ends, and the
+                # client reconnects (with its Last-Event-ID) on its own schedule.
+                log.info("direct upstream %s ended: %s", target.upstream_url, detail)
+                return
             delay = backoff.next_delay((parser.retry_ms or 0) / 1000)
             log.warning(
                 "upstream %s for route %s: %s; reconnecting in %.2fs",
@@ -146,7 +158,12 @@ class UpstreamClient:
         connected = False
         try:
             async with self._session.get(
-                target.upstream_url, headers=headers, timeout=client_timeout, allow_redirects=False
+                target.upstream_url,
+                headers=headers,
+                timeout=client_timeout,
+                allow_redirects=False,
+                # Cached per route's files; a file OpenSSL rejects fails this attempt (ValueError).
+                ssl=client_context(target.route),
             ) as resp:
                 if not 200 <= resp.status < 300 or resp.status == 204:
                     raise _Failed("status", f"HTTP status {resp.status}")

@@ -1,11 +1,15 @@
-"""CORS on stream routes: exact origins echoed with Vary, refusals before any upstream."""
+"""CORS on stream routes: exact origins echoed with Vary, credentials only by name, refusals
+before any upstream."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import aiohttp
 import pytest
 
-from gateway.errors import Forbidden
+from gateway.config import ConfigError, RouteConfig, from_document
+from gateway.errors import CorsDenied
 from gateway.policy import cors_headers, preflight_headers
 
 from .conftest import GatewayFactory, route_doc
@@ -14,54 +18,104 @@ from .support import Upstream, connect
 APP = "https://app.example"
 
 
+def route(**options: Any) -> RouteConfig:
+    doc = {"routes": [{"path": "/e/{t}", "upstream": "http://u/{t}", **options}]}
+    return from_document(doc, {}).routes[0]
+
+
 def test_no_allow_list_means_no_cors_headers() -> None:
-    assert cors_headers((), APP) == {}
+    assert cors_headers(route(), APP) == {}
 
 
-def test_allowed_origin_is_echoed_exactly_with_vary() -> None:
-    assert cors_headers((APP, "https://b.example"), APP) == {
+def test_allowed_origin_is_echoed_exactly_with_vary_and_no_credentials_by_default() -> None:
+    headers = cors_headers(route(cors_origins=[APP, "https://b.example"]), APP)
+    assert headers == {"Access-Control-Allow-Origin": APP, "Vary": "Origin"}
+
+
+def test_credentials_only_when_configured_and_with_the_named_origin() -> None:
+    r = route(cors_origins=[APP], cors_credentials=True, cors_expose_headers=["X-Trace"])
+    assert cors_headers(r, APP) == {
         "Access-Control-Allow-Origin": APP,
+        "Access-Control-Allow-Credentials": "true",
+        "Access-Control-Expose-Headers": "X-Trace",
         "Vary": "Origin",
     }
+
+
+def test_credentials_with_wildcard_are_refused_at_config_load() -> None:
+    with pytest.raises(ConfigError) as info:
+        route(cors_origins=["*"], cors_credentials=True)
+    assert info.value.problems == [
+        'routes[0].cors_credentials: cannot be used with cors_origins = ["*"]'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://app.example.com", True),
+        ("https://a.b.example.com", True),
+        ("https://example.com", False),  # the pattern needs a subdomain
+        ("https://evilexample.com", False),
+        ("https://app.example.com.evil", False),
+        ("http://app.example.com", False),  # scheme is part of the origin
+        ("null", False),
+    ],
+)
+def test_subdomain_patterns(origin: str, allowed: bool) -> None:
+    r = route(cors_origins=["https://*.example.com"])
+    if allowed:
+        assert cors_headers(r, origin)["Access-Control-Allow-Origin"] == origin
+    else:
+        with pytest.raises(CorsDenied):
+            cors_headers(r, origin)
 
 
 @pytest.mark.parametrize(
     "origin", ["https://evil.example", "null", APP + ".evil", "http://app.example"]
 )
 def test_other_origins_are_refused(origin: str) -> None:
-    with pytest.raises(Forbidden):
-        cors_headers((APP,), origin)
+    with pytest.raises(CorsDenied):
+        cors_headers(route(cors_origins=[APP]), origin)
 
 
 def test_wildcard_allows_any_origin_without_echoing_it() -> None:
-    assert cors_headers(("*",), "https://any.example")["Access-Control-Allow-Origin"] == "*"
+    r = route(cors_origins=["*"])
+    assert cors_headers(r, "https://any.example")["Access-Control-Allow-Origin"] == "*"
+    assert cors_headers(r, "null")["Access-Control-Allow-Origin"] == "*"
 
 
 def test_request_without_origin_passes_and_still_varies() -> None:
-    assert cors_headers((APP,), None) == {"Vary": "Origin"}
+    assert cors_headers(route(cors_origins=[APP]), None) == {"Vary": "Origin"}
 
 
-def test_preflight_names_method_headers_and_max_age() -> None:
-    headers = preflight_headers((APP,), APP)
+def test_preflight_names_method_headers_credentials_and_max_age() -> None:
+    r = route(cors_origins=[APP], cors_credentials=True, cors_max_age_seconds=86400)
+    headers = preflight_headers(r, APP)
     assert headers["Access-Control-Allow-Methods"] == "GET"
-    assert "Last-Event-ID" in headers["Access-Control-Allow-Headers"]
-    assert int(headers["Access-Control-Max-Age"]) > 0
-    with pytest.raises(Forbidden):
-        preflight_headers((APP,), None)
+    for name in ("Last-Event-ID", "Authorization", "Cache-Control"):
+        assert name in headers["Access-Control-Allow-Headers"]
+    assert headers["Access-Control-Allow-Credentials"] == "true"
+    assert headers["Access-Control-Max-Age"] == "86400"
+    with pytest.raises(CorsDenied):
+        preflight_headers(r, None)
 
 
 async def test_disallowed_origin_gets_403_and_opens_no_upstream(
     upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
 ) -> None:
-    gw = await make_gateway(route_doc(upstream, cors_origins=[APP]))
+    gw = await make_gateway(route_doc(upstream, cors_origins=[APP], cors_credentials=True))
     async with session.get(gw.url("/events/c"), headers={"Origin": "https://evil.example"}) as resp:
         assert resp.status == 403
         assert "Access-Control-Allow-Origin" not in resp.headers
+    async with session.get(gw.url("/events/c"), headers={"Origin": "null"}) as resp:
+        assert resp.status == 403
     assert upstream.connections == []
-    assert gw.metric("sse_gateway_requests_rejected_total", reason="cors") == 1
+    assert gw.metric("sse_gateway_requests_rejected_total", reason="cors") == 2
 
     client = await connect(session, gw.url("/events/c"), headers={"Origin": APP})
     assert client.response.headers["Access-Control-Allow-Origin"] == APP
+    assert client.response.headers["Access-Control-Allow-Credentials"] == "true"
     assert client.response.headers["Vary"] == "Origin"
     await upstream.wait_connections(1)
     client.close()

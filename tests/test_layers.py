@@ -16,14 +16,17 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "timing": set(),
     "metrics": set(),
-    "config": {"errors"},
+    "authconfig": {"config"},  # for type checking only
+    "tls": {"config"},
+    "config": {"authconfig", "errors"},
+    "auth": {"authconfig", "errors", "route", "timing"},
     "route": {"config", "errors"},
     "heartbeat": {"timing"},
     "ring": set(),
     "catchup": {"ring", "sse", "timing"},
     "topic": {"catchup", "metrics", "ring", "route", "sse", "timing"},
     "hub": {"errors", "metrics", "route", "timing", "topic"},
-    "upstream": {"metrics", "route", "sse", "timing", "topic"},
+    "upstream": {"metrics", "route", "sse", "timing", "tls", "topic"},
     "accesslog": set(),
     "stream": {
         "accesslog",
@@ -40,6 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"sse"},
     "app": {
         "accesslog",
+        "auth",
         "config",
         "errors",
         "heartbeat",
@@ -52,7 +56,7 @@ ALLOWED: dict[str, set[str]] = {
         "topic",
         "upstream",
     },
-    "server": {"app", "config", "demo", "errors"},
+    "server": {"app", "config", "demo", "errors", "tls"},
     "__main__": {"config", "errors", "server"},
     "__init__": set(),
 }

@@ -1,0 +1,249 @@
+"""Who may subscribe: JWT and forward-auth checks, made before a client joins a topic.
+
+In the shared mode one upstream stream serves many people, so the gateway
+itself decides (DESIGN.md, "Security model"). A denial ends the request with
+401 or 403 and a short body before any topic or upstream is touched; an auth
+backend that cannot answer fails closed with 503 unless the route opts out.
+No token, cookie or credential value is ever logged or kept in plain form:
+forward-auth decisions are cached under a hash of the forwarded headers.
+
+- `jwt`: the token comes from `Authorization: Bearer`, a named cookie, or (opt
+  in) a query parameter. PyJWT checks the signature (a configured key, or a
+  JWKS fetched over HTTP and cached), `exp`, `nbf`, `aud` and `iss`; a claim
+  lists the topics (or `fnmatch` patterns) the token may subscribe to. The
+  grant expires with the token, and the stream is ended then (with a retry
+  hint) so the client comes back with a fresh token and its Last-Event-ID.
+- `forward`: a GET to the configured URL carrying the client's allow-listed
+  headers and the topic (`X-Gateway-Topic`); 2xx allows, 401/403 deny with
+  that status. Decisions are cached per (route, topic, credential) for
+  `cache_seconds`, and concurrent identical checks share one request.
+
+A topic's name for authorization is its path parameters joined with "/"
+(`news` for `/events/{topic}`, `acme/general` for `/teams/{team}/{channel}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import jwt
+from aiohttp import web
+
+from .authconfig import ForwardAuthConfig, JwtConfig
+from .errors import AuthDenied, AuthUnavailable, Unauthorized
+from .route import Target
+from .timing import Clock
+
+log = logging.getLogger(__name__)
+
+# A JWKS fetch that takes longer than this holds up subscribers; fail it instead.
+JWKS_TIMEOUT_SECONDS = 5.0
+# An unknown kid triggers a refresh at most this often (a junk-kid flood costs one fetch).
+JWKS_MIN_REFRESH_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Permission to stream; `expires_at` (the gateway clock) ends the stream with the token."""
+
+    expires_at: float | None = None
+
+
+ALLOW = Grant()
+
+
+def topic_name(target: Target) -> str:
+    return "/".join(target.params)
+
+
+class Authorizer:
+    """One per app: checks requests against their route's `auth` table."""
+
+    def __init__(self, session: aiohttp.ClientSession, clock: Clock) -> None:
+        self._session = session
+        self._clock = clock
+        self._jwks: dict[str, tuple[float, dict[str, jwt.PyJWK]]] = {}
+        self._forward_cache: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._inflight: dict[tuple[str, str, str], asyncio.Future[int]] = {}
+
+    async def check(self, request: web.Request, target: Target) -> Grant:
+        auth = target.route.auth
+        if auth.jwt is not None:
+            return await self._check_jwt(request, target, auth.jwt)
+        if auth.forward is not None:
+            return await self._check_forward(request, target, auth.forward)
+        return ALLOW
+
+    # --- jwt -------------------------------------------------------------------------
+
+    async def _check_jwt(self, request: web.Request, target: Target, cfg: JwtConfig) -> Grant:
+        token = _token(request, cfg)
+        if token is None:
+            raise Unauthorized("a token is required", headers={"WWW-Authenticate": "Bearer"})
+        try:
+            key = await self._key_for(token, cfg)
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(cfg.algorithms),
+                audience=cfg.audience,
+                issuer=cfg.issuer,
+                leeway=cfg.leeway_seconds,
+                options={"verify_aud": cfg.audience is not None, "require": ["exp"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired", headers={"WWW-Authenticate": "Bearer"}) from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("token not yet valid") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+            raise AuthDenied(f"token not for this service: {type(exc).__name__}") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+        patterns = claims.get(cfg.topics_claim)
+        topic = topic_name(target)
+        if isinstance(patterns, str):
+            patterns = patterns.split()
+        if not isinstance(patterns, list) or not any(
+            isinstance(p, str) and fnmatch.fnmatchcase(topic, p) for p in patterns
+        ):
+            raise AuthDenied("this token may not subscribe to this topic")
+        seconds_left = float(claims["exp"]) - time.time()
+        return Grant(expires_at=self._clock.now() + max(0.0, seconds_left))
+
+    async def _key_for(self, token: str, cfg: JwtConfig) -> str | jwt.PyJWK:
+        if cfg.jwks_url is None:
+            assert cfg.key is not None  # config requires a key or a jwks_url
+            return cfg.key
+        kid = jwt.get_unverified_header(token).get("kid")
+        keys = await self._jwks_keys(cfg, refresh=False)
+        if kid not in keys:
+            keys = await self._jwks_keys(cfg, refresh=True)
+        if kid in keys:
+            return keys[kid]
+        if kid is None and len(keys) == 1:
+            return next(iter(keys.values()))
+        raise jwt.InvalidKeyError("no JWKS key for this token")
+
+    async def _jwks_keys(self, cfg: JwtConfig, refresh: bool) -> dict[str, jwt.PyJWK]:
+        url = cfg.jwks_url
+        assert url is not None
+        now = self._clock.now()
+        cached = self._jwks.get(url)
+        if cached is not None:
+            fetched, keys = cached
+            fresh = now - fetched < cfg.jwks_cache_seconds
+            too_soon = now - fetched < JWKS_MIN_REFRESH_SECONDS
+            if (fresh and not refresh) or too_soon:
+                return keys
+        try:
+            timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT_SECONDS)
+            async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
+                resp.raise_for_status()
+                document = json.loads(await resp.read())
+            keys = {k.key_id or "": k for k in jwt.PyJWKSet.from_dict(document).keys}
+        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
+            log.warning("JWKS fetch from %s failed: %s", url, type(exc).__name__)
+            if cached is not None:
+                return cached[1]  # keep serving with the keys we had
+            raise AuthUnavailable(
+                "cannot verify tokens now", headers={"Retry-After": "5"}
+            ) from None
+        self._jwks[url] = (now, keys)
+        return keys
+
+    # --- forward -----------------------------------------------------------------------
+
+    async def _check_forward(
+        self, request: web.Request, target: Target, cfg: ForwardAuthConfig
+    ) -> Grant:
+        topic = topic_name(target)
+        forwarded = {h: request.headers[h] for h in cfg.headers if h in request.headers}
+        credential = hashlib.sha256(json.dumps(sorted(forwarded.items())).encode()).hexdigest()
+        key = (target.route.name, topic, credential)
+        now = self._clock.now()
+        cached = self._forward_cache.get(key)
+        if cached is not None and cached[0] > now:
+            return _forward_decision(cached[1])
+        inflight = self._inflight.get(key)
+        if inflight is None:
+            inflight = asyncio.get_running_loop().create_future()
+            self._inflight[key] = inflight
+            try:
+                status = await self._ask(request, target, cfg, forwarded, topic)
+            except BaseException as exc:
+                inflight.set_exception(exc)
+                inflight.exception()  # consumed here; waiters re-raise their own copy
+                raise
+            else:
+                inflight.set_result(status)
+                if 200 <= status < 300 or status in (401, 403):
+                    self._forward_cache[key] = (now + cfg.cache_seconds, status)
+                    self._prune(now)
+            finally:
+                del self._inflight[key]
+        else:
+            status = await asyncio.shield(inflight)
+        return _forward_decision(status)
+
+    async def _ask(
+        self,
+        request: web.Request,
+        target: Target,
+        cfg: ForwardAuthConfig,
+        forwarded: dict[str, str],
+        topic: str,
+    ) -> int:
+        headers = forwarded | {
+            "X-Gateway-Route": target.route.name,
+            "X-Gateway-Topic": topic,
+            "X-Forwarded-Method": request.method,
+            "X-Forwarded-Uri": request.raw_path.partition("?")[0],
+        }
+        timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds)
+        try:
+            async with self._session.get(
+                cfg.url, headers=headers, timeout=timeout, allow_redirects=False
+            ) as resp:
+                return resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("auth backend %s: %s", cfg.url, type(exc).__name__)
+            if cfg.fail_open:
+                return 200
+            raise AuthUnavailable(
+                "authorization is unavailable", headers={"Retry-After": "5"}
+            ) from None
+
+    def _prune(self, now: float) -> None:
+        """Drop expired decisions once the cache grows, so it stays bounded by live users."""
+        if len(self._forward_cache) > 10_000:
+            for key in [k for k, (until, _) in self._forward_cache.items() if until <= now]:
+                del self._forward_cache[key]
+
+
+def _forward_decision(status: int) -> Grant:
+    if 200 <= status < 300:
+        return ALLOW
+    if status == 401:
+        raise Unauthorized("not signed in")
+    if status == 403:
+        raise AuthDenied("not allowed to subscribe to this topic")
+    raise AuthUnavailable("authorization is unavailable", headers={"Retry-After": "5"})
+
+
+def _token(request: web.Request, cfg: JwtConfig) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if cfg.cookie and cfg.cookie in request.cookies:
+        return request.cookies[cfg.cookie]
+    if cfg.query_param and cfg.query_param in request.query:
+        return request.query[cfg.query_param]
+    return None

@@ -1,0 +1,143 @@
+"""Configuration of who may subscribe: a route's `[routes.auth]` table.
+
+Read by `config` (the one place configuration is read) through `read_auth`,
+which records problems on the same table object as every other key, so an
+auth mistake is reported with its key path like any other.
+
+    [routes.auth]                       [routes.auth]
+    type = "jwt"                        type = "forward"
+    algorithms = ["RS256"]              url = "http://127.0.0.1:9000/auth"
+    key = { file = "/keys/jwt.pem" }    headers = ["Cookie", "Authorization"]
+    audience = "sse"                    timeout_seconds = 2.0
+    cookie = "token"                    cache_seconds = 30.0
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import _Table
+
+ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    algorithms: tuple[str, ...]
+    key: str | None = field(repr=False)  # an HMAC secret or a PEM public key
+    jwks_url: str | None
+    jwks_cache_seconds: float
+    audience: str | None
+    issuer: str | None
+    leeway_seconds: float
+    topics_claim: str
+    cookie: str | None
+    query_param: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardAuthConfig:
+    url: str
+    headers: tuple[str, ...]
+    timeout_seconds: float
+    cache_seconds: float
+    fail_open: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    type: str = "none"
+    jwt: JwtConfig | None = None
+    forward: ForwardAuthConfig | None = None
+
+
+NO_AUTH = AuthConfig()
+
+
+def _secret(table: _Table, name: str, environ: Mapping[str, str]) -> str | None:
+    """A literal, `{ env = "VAR" }` or `{ file = "/path" }`; never echoed in a problem."""
+    table.used.add(name)
+    value: Any = table.data.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"env"} and isinstance(value["env"], str):
+        if value["env"] not in environ:
+            table.problem(name, f"environment variable {value['env']} is not set")
+            return None
+        return environ[value["env"]]
+    if isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
+        try:
+            with open(value["file"], encoding="utf-8") as f:
+                return f.read()
+        except OSError as exc:
+            table.problem(name, f"cannot read {value['file']}: {exc.strerror}")
+            return None
+    table.problem(name, 'expected a string, { env = "VAR" } or { file = "/path" }')
+    return None
+
+
+def _url(value: str) -> str | None:
+    return None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) else "expected an http(s) URL"
+
+
+def _headers(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    names = table.strings(name, default)
+    for header in names:
+        if not _HEADER.fullmatch(header):
+            table.problem(name, f"{header!r} is not a header name")
+    return names
+
+
+def read_auth(table: _Table, environ: Mapping[str, str]) -> AuthConfig:
+    kind = table.get(
+        "type",
+        str,
+        "none",
+        lambda v: None if v in ("none", "jwt", "forward") else "one of none, jwt, forward",
+    )
+    if kind == "jwt":
+        algorithms = table.strings("algorithms", ("HS256",))
+        for algorithm in algorithms:
+            if algorithm not in ALGORITHMS:
+                table.problem("algorithms", f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        key = _secret(table, "key", environ)
+        jwks_url = table.get("jwks_url", str, "", _url) or None
+        if key is None and jwks_url is None:
+            table.problem("key", "a jwt route needs a key or a jwks_url")
+        jwt = JwtConfig(
+            algorithms=algorithms,
+            key=key,
+            jwks_url=jwks_url,
+            jwks_cache_seconds=table.get("jwks_cache_seconds", float, 300.0),
+            audience=table.get("audience", str, "") or None,
+            issuer=table.get("issuer", str, "") or None,
+            leeway_seconds=table.get("leeway_seconds", float, 5.0),
+            topics_claim=table.get("topics_claim", str, "topics"),
+            cookie=table.get("cookie", str, "") or None,
+            query_param=table.get("query_param", str, "") or None,
+        )
+        table.finish()
+        return AuthConfig("jwt", jwt=jwt)
+    if kind == "forward":
+        url = table.get("url", str, "", _url)
+        if not url:
+            table.problem("url", "a forward route needs the auth backend's url")
+        forward = ForwardAuthConfig(
+            url=url,
+            headers=_headers(table, "headers", ("Cookie", "Authorization")),
+            timeout_seconds=table.get("timeout_seconds", float, 2.0),
+            cache_seconds=table.get("cache_seconds", float, 30.0),
+            fail_open=table.get("fail_open", bool, False),
+        )
+        table.finish()
+        return AuthConfig("forward", forward=forward)
+    table.finish()
+    return NO_AUTH
+
+
+__all__ = ["NO_AUTH", "AuthConfig", "ForwardAuthConfig", "JwtConfig", "read_auth"]
