@@ -11,6 +11,7 @@ import uvloop
 from .config import load, parse_args
 from .errors import ConfigError
 from .server import raise_fd_limit, serve
+from .tls import TLSError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     raise_fd_limit()
-    uvloop.run(serve(config, load_config=lambda: load(args)))
+    try:
+        uvloop.run(serve(config, load_config=lambda: load(args)))
+    except TLSError as exc:  # a certificate or key that cannot be used: a configuration error
+        print(f"sse-gateway: invalid TLS configuration: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -330,8 +330,14 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
     """
     settings = app[SETTINGS]
     old = settings.config
-    if (old.server.listen, old.metrics, old.demo) != (new.server.listen, new.metrics, new.demo):
-        log.warning("reload: listen address, metrics and demo settings apply after a restart")
+    restart_only = ("listen", "tls_cert_file", "tls_key_file")
+    if any(getattr(old.server, k) != getattr(new.server, k) for k in restart_only) or (
+        (old.metrics, old.demo) != (new.metrics, new.demo)
+    ):
+        log.warning(
+            "reload: listen address, TLS certificate, metrics and demo settings apply after "
+            "a restart"
+        )
     routes = {r.name: r for r in new.routes}
     closed = app[HUB].close_route_topics(
         lambda target: routes.get(target.route.name) == target.route, "reload"

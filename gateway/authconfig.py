@@ -107,7 +107,7 @@ def read_auth(table: _Table, environ: Mapping[str, str]) -> AuthConfig:
                 table.problem("algorithms", f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         key = _secret(table, "key", environ)
         jwks_url = table.get("jwks_url", str, "", _url) or None
-        if key is None and jwks_url is None:
+        if key is None and jwks_url is None and "key" not in table.data:
             table.problem("key", "a jwt route needs a key or a jwks_url")
         jwt = JwtConfig(
             algorithms=algorithms,

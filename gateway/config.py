@@ -476,6 +476,8 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
             lambda v: None if v in ("text", "json", "off") else "one of text, json, off",
         ),
     )
+    if bool(server_config.tls_cert_file) != bool(server_config.tls_key_file):
+        server.problem("tls_key_file", "goes with tls_cert_file: set both to serve HTTPS")
     server.finish()
 
     limits = root.table("limits")

@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from .app import METRICS, drain, make_app, make_metrics_app, make_runner, reload
 from .config import GatewayConfig, Listen
 from .demo import make_demo_app
 from .errors import ConfigError
+from .tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,18 @@ def raise_fd_limit() -> int:
     return soft
 
 
-async def _start(runner: web.AppRunner, listen: Listen) -> web.AppRunner:
+async def _start(
+    runner: web.AppRunner, listen: Listen, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
     await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port, backlog=ACCEPT_BACKLOG, reuse_address=True)
+    site = web.TCPSite(
+        runner,
+        listen.host,
+        listen.port,
+        backlog=ACCEPT_BACKLOG,
+        reuse_address=True,
+        ssl_context=ssl_context,
+    )
     await site.start()
     return runner
 
@@ -96,6 +107,9 @@ async def serve(
         reload(app, new)
 
     timeout = config.server.shutdown_timeout_seconds
+    # Before anything listens: an unusable certificate or key stops startup here.
+    tls = server_context(config.server)
+    scheme = "http" if tls is None else "https"
     demo_runner = None
     if config.demo.enabled:
         demo_app = make_demo_app(interval_seconds=config.demo.interval_seconds)
@@ -105,7 +119,11 @@ async def serve(
         demo_runner = await _start(demo, config.demo.listen)
         log.info("demo backend on http://%s", config.demo.listen)
     app = make_app(config)
-    runner = await _start(make_runner(app), config.server.listen)
+    runner = await _start(make_runner(app), config.server.listen, tls)
+    if tls is not None:  # the paths only: key material never reaches a log
+        log.info(
+            "TLS certificate %s, key %s", config.server.tls_cert_file, config.server.tls_key_file
+        )
     metrics_runner = None
     if config.metrics.enabled and config.metrics.listen is not None:
         metrics_app = make_metrics_app(app[METRICS], config.metrics.path)
@@ -115,10 +133,13 @@ async def serve(
         log.info("metrics on http://%s%s", config.metrics.listen, config.metrics.path)
     loop.add_signal_handler(signal.SIGHUP, on_reload)  # only now is there an app to reload
     log.info(
-        "sse-gateway listening on http://%s (%d routes)", config.server.listen, len(config.routes)
+        "sse-gateway listening on %s://%s (%d routes)",
+        scheme,
+        config.server.listen,
+        len(config.routes),
     )
     if config.demo.enabled:
-        log.info("open http://%s/ to watch the demo topics", config.server.listen)
+        log.info("open %s://%s/ to watch the demo topics", scheme, config.server.listen)
     try:
         await stop.wait()
         await drain(app)
