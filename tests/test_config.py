@@ -228,7 +228,7 @@ def test_config_examples_in_the_repository_are_valid() -> None:
     files = sorted((ROOT / "config").glob("*.toml"))
     assert files, "config/ must hold examples"
     for file in files:
-        load(parse_args(["--config", str(file)]), {"BACKEND_TOKEN": "t"})
+        load(parse_args(["--config", str(file)]), {"BACKEND_TOKEN": "t", "JWT_KEY": "k"})
 
 
 def run_gateway(*args: str) -> subprocess.CompletedProcess[str]:
