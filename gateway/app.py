@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -74,6 +75,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 _direct_ids = itertools.count(1)
+_PLAIN_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Marks a request whose refusal the middleware already counted and logged.
@@ -255,19 +257,20 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         request.query.get("lastEventId"),
         settings.config.limits.max_last_event_id_bytes,
     )
-    grant = await app[AUTHORIZER].check(request, target)
-    if target.route.mode == "direct":
-        # The client's own upstream request carries its Last-Event-ID: nothing to replay here.
-        target, last_event_id = direct_target(request, target, last_event_id), None
     if not app[LIFECYCLE].ready:
         return await stream.turn_away(request, target, cors)
     admission = app[ADMISSION]
     # The peer address: behind a proxy every client shares it, so set the per-client
-    # limit with that in mind (forwarded-for trust comes with the auth work).
+    # limit with that in mind.
     client = request.remote or "unknown"
     route = target.route
+    # Admission first: its rate and per-client limits also shield the auth backends.
     admission.enter(client, route)
     try:
+        grant = await app[AUTHORIZER].check(request, target)
+        if target.route.mode == "direct":
+            # The client's own upstream request carries its Last-Event-ID: no replay here.
+            target, last_event_id = direct_target(request, target, last_event_id), None
         routes = settings.routes
         return await stream.serve(
             request,
@@ -297,13 +300,15 @@ def direct_target(request: web.Request, target: Target, last_event_id: str | Non
         for name in route.forward_headers
         if name in request.headers and name.lower() not in HOP_BY_HOP
     ]
-    peer, proto, host = request.remote or "unknown", request.scheme, request.host
-    headers += [
-        ("X-Forwarded-For", peer),
-        ("X-Forwarded-Proto", proto),
-        ("X-Forwarded-Host", host),
-        ("Forwarded", f'for="{peer}";proto={proto};host="{host}"'),
-    ]
+    peer, proto = request.remote or "unknown", request.scheme
+    # The Host header is client input: only a plain host[:port] may be passed on, or a
+    # crafted one would add its own elements to Forwarded (RFC 7239) and fool the upstream.
+    host = request.host if _PLAIN_HOST.fullmatch(request.host) else None
+    node = f"[{peer}]" if ":" in peer else peer  # RFC 7239 6: IPv6 in brackets
+    forwarded = f'for="{node}";proto={proto}' + (f';host="{host}"' if host else "")
+    headers += [("X-Forwarded-For", peer), ("X-Forwarded-Proto", proto), ("Forwarded", forwarded)]
+    if host:
+        headers.append(("X-Forwarded-Host", host))
     if last_event_id:
         headers.append(("Last-Event-ID", last_event_id))
     key = f"{target.topic_key} #{next(_direct_ids)}"

@@ -19,7 +19,9 @@ forward-auth decisions are cached under a hash of the forwarded headers.
   `cache_seconds`, and concurrent identical checks share one request.
 
 A topic's name for authorization is its path parameters joined with "/"
-(`news` for `/events/{topic}`, `acme/general` for `/teams/{team}/{channel}`).
+(`news` for `/events/{topic}`, `acme/general` for `/teams/{team}/{channel}`),
+followed by the route's allow-listed query parameters when present
+(`news?room=public`), since those choose the stream too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import aiohttp
 import jwt
@@ -45,8 +49,11 @@ log = logging.getLogger(__name__)
 
 # A JWKS fetch that takes longer than this holds up subscribers; fail it instead.
 JWKS_TIMEOUT_SECONDS = 5.0
-# An unknown kid triggers a refresh at most this often (a junk-kid flood costs one fetch).
+# An unknown kid (or a failed fetch) triggers a refresh at most this often: a junk-kid
+# flood costs one fetch per interval, not one per request.
 JWKS_MIN_REFRESH_SECONDS = 10.0
+# Forward-auth decisions kept: one per live (route, topic, credential); oldest evicted.
+FORWARD_CACHE_ENTRIES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +67,8 @@ ALLOW = Grant()
 
 
 def topic_name(target: Target) -> str:
-    return "/".join(target.params)
+    name = "/".join(target.params)
+    return f"{name}?{urlencode(target.query)}" if target.query else name
 
 
 class Authorizer:
@@ -70,8 +78,10 @@ class Authorizer:
         self._session = session
         self._clock = clock
         self._jwks: dict[str, tuple[float, dict[str, jwt.PyJWK]]] = {}
-        self._forward_cache: dict[tuple[str, str, str], tuple[float, int]] = {}
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[int]] = {}
+        self._jwks_tried: dict[str, float] = {}
+        self._jwks_inflight: dict[str, asyncio.Task[dict[str, jwt.PyJWK]]] = {}
+        self._forward_cache: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
+        self._inflight: dict[tuple[str, str, str], asyncio.Task[tuple[int, bool]]] = {}
 
     async def check(self, request: web.Request, target: Target) -> Grant:
         auth = target.route.auth
@@ -114,8 +124,10 @@ class Authorizer:
             isinstance(p, str) and fnmatch.fnmatchcase(topic, p) for p in patterns
         ):
             raise AuthDenied("this token may not subscribe to this topic")
-        seconds_left = float(claims["exp"]) - time.time()
-        return Grant(expires_at=self._clock.now() + max(0.0, seconds_left))
+        # Until exp plus the same leeway the check allowed, so a token accepted within its
+        # leeway still gets a stream instead of one that ends at once.
+        seconds_left = float(claims["exp"]) + cfg.leeway_seconds - time.time()
+        return Grant(expires_at=self._clock.now() + max(1.0, seconds_left))
 
     async def _key_for(self, token: str, cfg: JwtConfig) -> str | jwt.PyJWK:
         if cfg.jwks_url is None:
@@ -136,18 +148,33 @@ class Authorizer:
         assert url is not None
         now = self._clock.now()
         cached = self._jwks.get(url)
+        tried = self._jwks_tried.get(url)
+        recently = tried is not None and now - tried < JWKS_MIN_REFRESH_SECONDS
         if cached is not None:
-            fetched, keys = cached
-            fresh = now - fetched < cfg.jwks_cache_seconds
-            too_soon = now - fetched < JWKS_MIN_REFRESH_SECONDS
-            if (fresh and not refresh) or too_soon:
-                return keys
+            fresh = now - cached[0] < cfg.jwks_cache_seconds
+            if (fresh and not refresh) or recently:
+                return cached[1]
+        elif recently and url not in self._jwks_inflight:
+            # The fetch moments ago failed: answer at once rather than hammer the IdP.
+            raise AuthUnavailable("cannot verify tokens now", headers={"Retry-After": "5"})
+        # One fetch at a time per URL: concurrent requests share it.
+        task = self._jwks_inflight.get(url)
+        if task is None:
+            task = asyncio.create_task(self._fetch_jwks(url))
+            self._jwks_inflight[url] = task
+            task.add_done_callback(lambda _: self._jwks_inflight.pop(url, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_jwks(self, url: str) -> dict[str, jwt.PyJWK]:
+        now = self._clock.now()
+        self._jwks_tried[url] = now
+        cached = self._jwks.get(url)
         try:
             timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT_SECONDS)
             async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
                 resp.raise_for_status()
                 document = json.loads(await resp.read())
-            keys = {k.key_id or "": k for k in jwt.PyJWKSet.from_dict(document).keys}
+            keys = _usable_keys(document)
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
             log.warning("JWKS fetch from %s failed: %s", url, type(exc).__name__)
             if cached is not None:
@@ -167,64 +194,70 @@ class Authorizer:
         forwarded = {h: request.headers[h] for h in cfg.headers if h in request.headers}
         credential = hashlib.sha256(json.dumps(sorted(forwarded.items())).encode()).hexdigest()
         key = (target.route.name, topic, credential)
-        now = self._clock.now()
         cached = self._forward_cache.get(key)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > self._clock.now():
+            self._forward_cache.move_to_end(key)
             return _forward_decision(cached[1])
-        inflight = self._inflight.get(key)
-        if inflight is None:
-            inflight = asyncio.get_running_loop().create_future()
-            self._inflight[key] = inflight
-            try:
-                status = await self._ask(request, target, cfg, forwarded, topic)
-            except BaseException as exc:
-                inflight.set_exception(exc)
-                inflight.exception()  # consumed here; waiters re-raise their own copy
-                raise
-            else:
-                inflight.set_result(status)
-                if 200 <= status < 300 or status in (401, 403):
-                    self._forward_cache[key] = (now + cfg.cache_seconds, status)
-                    self._prune(now)
-            finally:
-                del self._inflight[key]
-        else:
-            status = await asyncio.shield(inflight)
+        # The question runs in its own task, shared by every identical request: a client
+        # that leaves cancels only its own wait, never the answer the others are waiting for.
+        task = self._inflight.get(key)
+        if task is None:
+            uri = request.raw_path.partition("?")[0]
+            task = asyncio.create_task(self._ask(target, cfg, forwarded, topic, uri))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._settle(key, t, cfg.cache_seconds))
+        status, _ = await asyncio.shield(task)
         return _forward_decision(status)
+
+    def _settle(
+        self, key: tuple[str, str, str], task: asyncio.Task[tuple[int, bool]], ttl: float
+    ) -> None:
+        del self._inflight[key]
+        if task.cancelled() or task.exception() is not None:
+            return
+        status, definite = task.result()
+        if definite and (200 <= status < 300 or status in (401, 403)):
+            cache = self._forward_cache
+            cache[key] = (self._clock.now() + ttl, status)
+            cache.move_to_end(key)
+            while len(cache) > FORWARD_CACHE_ENTRIES:
+                cache.popitem(last=False)
 
     async def _ask(
         self,
-        request: web.Request,
         target: Target,
         cfg: ForwardAuthConfig,
         forwarded: dict[str, str],
         topic: str,
-    ) -> int:
+        uri: str,
+    ) -> tuple[int, bool]:
+        """The backend's status, and whether it is a real answer (fail-open ones are not)."""
         headers = forwarded | {
             "X-Gateway-Route": target.route.name,
             "X-Gateway-Topic": topic,
-            "X-Forwarded-Method": request.method,
-            "X-Forwarded-Uri": request.raw_path.partition("?")[0],
+            "X-Forwarded-Method": "GET",
+            "X-Forwarded-Uri": uri,
         }
         timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds)
         try:
             async with self._session.get(
                 cfg.url, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
-                return resp.status
+                return resp.status, True
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("auth backend %s: %s", cfg.url, type(exc).__name__)
             if cfg.fail_open:
-                return 200
+                return 200, False  # allowed now, but not remembered
             raise AuthUnavailable(
                 "authorization is unavailable", headers={"Retry-After": "5"}
             ) from None
 
-    def _prune(self, now: float) -> None:
-        """Drop expired decisions once the cache grows, so it stays bounded by live users."""
-        if len(self._forward_cache) > 10_000:
-            for key in [k for k, (until, _) in self._forward_cache.items() if until <= now]:
-                del self._forward_cache[key]
+
+def _usable_keys(document: object) -> dict[str, jwt.PyJWK]:
+    """The keys of a JWKS document; a set with no usable key is valid and simply empty."""
+    if isinstance(document, dict) and document.get("keys") == []:
+        return {}
+    return {k.key_id or "": k for k in jwt.PyJWKSet.from_dict(document).keys}  # type: ignore[arg-type]
 
 
 def _forward_decision(status: int) -> Grant:

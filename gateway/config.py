@@ -32,7 +32,9 @@ _ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _NOT_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9110 5.5
 # An origin, where "*." before the host stands for one or more subdomain labels.
 _ORIGIN = re.compile(r"https?://(\*\.)?[A-Za-z0-9.-]+(:\d+)?")
-_HOP_BY_HOP = frozenset(
+# Headers a client may never pass to an upstream in direct mode: hop-by-hop ones (RFC 9110
+# 7.6.1), framing ones (request smuggling), and those the gateway itself sets.
+_NOT_FORWARDED = frozenset(
     (
         "connection",
         "keep-alive",
@@ -43,6 +45,12 @@ _HOP_BY_HOP = frozenset(
         "transfer-encoding",
         "upgrade",
         "host",
+        "content-length",
+        "last-event-id",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
     )
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
@@ -300,8 +308,8 @@ def _read_route_options(table: _Table, base: Mapping[str, Any]) -> dict[str, Any
         for header in options[name]:
             if not _HEADER_NAME.fullmatch(header):
                 table.problem(name, f"{header!r} is not a header name")
-            elif name == "forward_headers" and header.lower() in _HOP_BY_HOP:
-                table.problem(name, f"{header!r} is hop-by-hop: a proxy never forwards it")
+            elif name == "forward_headers" and header.lower() in _NOT_FORWARDED:
+                table.problem(name, f"{header!r} is not forwarded: the gateway owns it")
     for name in ("upstream_ca_file", "upstream_client_cert_file", "upstream_client_key_file"):
         options[name] = table.get(name, str, base[name] or "", _readable) or None
     if options["cors_credentials"] and "*" in options["cors_origins"]:
@@ -364,6 +372,9 @@ def _read_route(
     query = table.strings("query", ())
     headers = _read_headers(table.table("upstream_headers"), environ)
     auth = read_auth(table.table("auth"), environ)
+    if auth.jwt is not None and auth.jwt.query_param and auth.jwt.query_param in query:
+        # It would carry the token upstream, into the topic key and into the access log.
+        table.problem("query", f"{auth.jwt.query_param!r} is the route's token parameter")
     options = _read_route_options(table, defaults)
     table.finish()
     if path is _MISSING or upstream is _MISSING:

@@ -34,8 +34,10 @@ class Target:
     route: RouteConfig
     upstream_url: str
     topic_key: str
-    # The decoded path parameters, in the order of the path (the topic's name for auth).
+    # The decoded path parameters in path order, and the allow-listed query pairs (sorted):
+    # together they name the topic for authorization.
     params: tuple[str, ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
     # Direct mode only: the headers this one client's upstream request carries.
     client_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -80,16 +82,19 @@ class CompiledRoute:
             raise BadRequest(f"path parameter {name!r} has an invalid value")
         return value
 
-    def upstream_url(self, values: dict[str, str], query: Iterable[tuple[str, str]]) -> str:
-        path = "/".join(
-            quote(values[m.group(1)], safe="") if (m := _PLACEHOLDER.fullmatch(p)) else p
-            for p in self._upstream_parts
-        )
+    def allowed_query(self, query: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         allowed = self.config.query
         kept = sorted((k, v) for k, v in query if k in allowed)
         for key, value in kept:
             if len(value.encode()) > MAX_QUERY_VALUE_BYTES:
                 raise BadRequest(f"query parameter {key!r} is too long")
+        return kept
+
+    def upstream_url(self, values: dict[str, str], kept: list[tuple[str, str]]) -> str:
+        path = "/".join(
+            quote(values[m.group(1)], safe="") if (m := _PLACEHOLDER.fullmatch(p)) else p
+            for p in self._upstream_parts
+        )
         url = self._host_part + path
         if kept:
             url += "?" + urlencode(kept, quote_via=quote, safe="")
@@ -112,10 +117,15 @@ class RouteTable:
         for route in self._routes:
             values = route.match(segments)
             if values is not None:
-                url = route.upstream_url(values, query)
+                kept = route.allowed_query(query)
+                url = route.upstream_url(values, kept)
                 # The topic key names the route too, so two routes that share
                 # an upstream URL keep their own settings and subscribers.
                 return Target(
-                    route.config, url, f"{route.config.name} {url}", tuple(values.values())
+                    route.config,
+                    url,
+                    f"{route.config.name} {url}",
+                    tuple(values.values()),
+                    tuple(kept),
                 )
         raise NotFound("no route for this path")

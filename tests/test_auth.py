@@ -428,5 +428,114 @@ def test_hop_by_hop_headers_cannot_be_forwarded() -> None:
     with pytest.raises(ConfigError) as info:
         from_document(doc, {})
     assert info.value.problems == [
-        "routes[0].forward_headers: 'Connection' is hop-by-hop: a proxy never forwards it"
+        "routes[0].forward_headers: 'Connection' is not forwarded: the gateway owns it"
     ]
+
+
+# --- from the security review ------------------------------------------------------------
+
+
+async def test_a_crafted_host_header_cannot_add_forwarded_elements(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream, mode="direct", forward_headers=["Cookie"]))
+    evil = 'x", for=6.6.6.6;proto=https;host="bank.example'
+    request = f"GET /events/t HTTP/1.1\r\nHost: {evil}\r\n\r\n".encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(request)
+    await upstream.wait_connections(1)
+    headers = upstream.connections[0].headers
+    assert headers["Forwarded"] == 'for="127.0.0.1";proto=http'
+    assert "X-Forwarded-Host" not in headers
+    assert "6.6.6.6" not in str(dict(headers))
+    writer.close()
+
+
+async def test_allow_listed_query_parameters_are_part_of_the_authorized_topic(
+    upstream: Upstream,
+    make_gateway: GatewayFactory,
+    session: aiohttp.ClientSession,
+    auth_backend: AuthBackend,
+) -> None:
+    gw = await make_gateway(forward_route(upstream, auth_backend) | {"query": ["room"]})
+    cookie = {"Cookie": "session=good"}
+    assert await status_of(session, gw.url("/events/news?room=public"), headers=cookie) == 200
+    assert await status_of(session, gw.url("/events/news?room=secret"), headers=cookie) == 200
+    topics = [call["X-Gateway-Topic"] for call in auth_backend.calls]
+    assert topics == ["news?room=public", "news?room=secret"]  # two decisions, not one
+
+
+async def test_a_client_leaving_does_not_cancel_the_shared_auth_answer(
+    upstream: Upstream,
+    make_gateway: GatewayFactory,
+    session: aiohttp.ClientSession,
+    auth_backend: AuthBackend,
+) -> None:
+    gw = await make_gateway(forward_route(upstream, auth_backend, timeout_seconds=5))
+    auth_backend.stalling = True
+    cookie = {"Cookie": "session=good"}
+    leader = asyncio.create_task(status_of(session, gw.url("/events/news"), headers=cookie))
+    await auth_backend.changes.until(lambda: len(auth_backend.calls) == 1)
+    follower = asyncio.create_task(status_of(session, gw.url("/events/news"), headers=cookie))
+    leader.cancel()  # the first client hangs up while the check is in flight
+    await asyncio.gather(leader, return_exceptions=True)
+    auth_backend.stall.set()
+    assert await asyncio.wait_for(follower, 5) == 200
+    assert len(auth_backend.calls) == 1
+
+
+async def test_fail_open_answers_are_not_remembered(
+    upstream: Upstream,
+    make_gateway: GatewayFactory,
+    session: aiohttp.ClientSession,
+    auth_backend: AuthBackend,
+) -> None:
+    port = auth_backend.port
+    await auth_backend.stop()
+    gw = await make_gateway(
+        forward_route(upstream, auth_backend, fail_open=True, cache_seconds=300)
+    )
+    assert (
+        await status_of(session, gw.url("/events/news"), headers={"Cookie": "session=bad"}) == 200
+    )
+    auth_backend.port = port
+    await auth_backend.start()  # back, and it denies this cookie
+    assert (
+        await status_of(session, gw.url("/events/news"), headers={"Cookie": "session=bad"}) == 403
+    )
+
+
+async def test_unknown_kids_share_one_jwks_fetch(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    fetches = 0
+
+    async def jwks(request: web.Request) -> web.Response:
+        nonlocal fetches
+        fetches += 1
+        return web.json_response({"keys": []})
+
+    app = web.Application()
+    app.router.add_get("/jwks", jwks)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        auth = {"type": "jwt", "algorithms": ["HS256"], "jwks_url": f"http://127.0.0.1:{port}/jwks"}
+        gw = await make_gateway(route_doc(upstream, auth=auth))
+        junk = [
+            jwt.encode({"exp": time.time() + 60}, "x" * 32, headers={"kid": f"junk{i}"})
+            for i in range(30)
+        ]
+        statuses = await asyncio.gather(
+            *(
+                status_of(session, gw.url("/events/news"), headers={"Authorization": f"Bearer {t}"})
+                for t in junk
+            )
+        )
+        assert set(statuses) == {401}
+        assert fetches == 1  # one shared fetch, then the refresh interval holds
+    finally:
+        await runner.cleanup()
