@@ -11,6 +11,7 @@ import uvloop
 from .config import load, parse_args
 from .errors import ConfigError
 from .server import raise_fd_limit, serve
+from .supervisor import die_with_supervisor, supervise, worker_index
 from .tls import TLSError
 
 
@@ -26,11 +27,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(config)
         return 0
+    index = worker_index()
     logging.basicConfig(
         level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s "
+        + ("" if index is None else f"[worker {index}] ")
+        + "%(name)s: %(message)s",
     )
     raise_fd_limit()
+    if worker_index() is not None:
+        die_with_supervisor()
+    elif config.server.workers > 1:
+        return uvloop.run(supervise(config, sys.argv[1:] if argv is None else list(argv)))
     try:
         uvloop.run(serve(config, load_config=lambda: load(args)))
     except TLSError as exc:  # a certificate or key that cannot be used: a configuration error

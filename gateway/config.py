@@ -120,6 +120,7 @@ class RouteConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: Listen
+    workers: int
     tls_cert_file: str | None
     tls_key_file: str | None
     drain_seconds: float
@@ -236,6 +237,18 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 and math.isfinite(value) else "must be 0 or greater"
+
+
+def _workers(table: _Table) -> int:
+    """`workers = N` or "auto" (one per core)."""
+    table.used.add("workers")
+    value = table.data.get("workers", 1)
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256:
+        return value
+    table.problem("workers", f'expected a number from 1 to 256 or "auto", got {value!r}')
+    return 1
 
 
 def _readable(value: str) -> str | None:
@@ -470,6 +483,7 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
     listen = server.get("listen", str, "127.0.0.1:8080", _listen)
     server_config = ServerConfig(
         listen=_parse_listen(listen) or Listen("127.0.0.1", 8080),
+        workers=_workers(server),
         tls_cert_file=server.get("tls_cert_file", str, "", _readable) or None,
         tls_key_file=server.get("tls_key_file", str, "", _readable) or None,
         drain_seconds=server.get("drain_seconds", float, 5.0, _non_negative),
@@ -588,7 +602,11 @@ def _env_overrides(doc: dict[str, Any], environ: Mapping[str, str], problems: li
     """
     sections = ("server", "limits", "metrics", "demo", "defaults")
     for var, raw in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+        # CONFIG names the file; WORKER_INDEX is set by the supervisor for its workers.
+        if not var.startswith(ENV_PREFIX) or var in (
+            ENV_PREFIX + "CONFIG",
+            ENV_PREFIX + "WORKER_INDEX",
+        ):
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         section = next((s for s in sections if rest.startswith(s + "_")), None)

@@ -28,6 +28,7 @@ from .app import METRICS, drain, make_app, make_metrics_app, make_runner, reload
 from .config import GatewayConfig, Listen
 from .demo import make_demo_app
 from .errors import ConfigError
+from .supervisor import worker_index
 from .tls import server_context
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ def raise_fd_limit() -> int:
 
 
 async def _start(
-    runner: web.AppRunner, listen: Listen, ssl_context: ssl.SSLContext | None = None
+    runner: web.AppRunner,
+    listen: Listen,
+    ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     await runner.setup()
     site = web.TCPSite(
@@ -61,6 +65,8 @@ async def _start(
         listen.port,
         backlog=ACCEPT_BACKLOG,
         reuse_address=True,
+        # Workers share the port; the kernel spreads new connections across them.
+        reuse_port=reuse_port or None,
         ssl_context=ssl_context,
     )
     await site.start()
@@ -110,8 +116,11 @@ async def serve(
     # Before anything listens: an unusable certificate or key stops startup here.
     tls = server_context(config.server)
     scheme = "http" if tls is None else "https"
+    shared_port = config.server.workers > 1
+    # With workers, one demo backend (in worker 0) serves them all.
+    demo_here = config.demo.enabled and worker_index() in (None, 0)
     demo_runner = None
-    if config.demo.enabled:
+    if demo_here:
         demo_app = make_demo_app(interval_seconds=config.demo.interval_seconds)
         demo = web.AppRunner(
             demo_app, handler_cancellation=True, shutdown_timeout=timeout, access_log=None
@@ -119,7 +128,7 @@ async def serve(
         demo_runner = await _start(demo, config.demo.listen)
         log.info("demo backend on http://%s", config.demo.listen)
     app = make_app(config)
-    runner = await _start(make_runner(app), config.server.listen, tls)
+    runner = await _start(make_runner(app), config.server.listen, tls, shared_port)
     if tls is not None:  # the paths only: key material never reaches a log
         log.info(
             "TLS certificate %s, key %s", config.server.tls_cert_file, config.server.tls_key_file
@@ -128,7 +137,7 @@ async def serve(
     if config.metrics.enabled and config.metrics.listen is not None:
         metrics_app = make_metrics_app(app[METRICS], config.metrics.path)
         metrics_runner = await _start(
-            web.AppRunner(metrics_app, access_log=None), config.metrics.listen
+            web.AppRunner(metrics_app, access_log=None), config.metrics.listen, None, shared_port
         )
         log.info("metrics on http://%s%s", config.metrics.listen, config.metrics.path)
     loop.add_signal_handler(signal.SIGHUP, on_reload)  # only now is there an app to reload
