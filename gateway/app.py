@@ -61,19 +61,6 @@ ADMISSION = web.AppKey("admission", policy.Admission)
 ACCESS = web.AppKey("access", AccessLog)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
 
-# Connection-level headers a proxy never forwards (RFC 9110 7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 _direct_ids = itertools.count(1)
 _PLAIN_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 
@@ -290,15 +277,13 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
 def direct_target(request: web.Request, target: Target, last_event_id: str | None) -> Target:
     """A private topic for one client: its upstream request carries this client's headers.
 
-    Only the route's allow-listed `forward_headers` (never hop-by-hop ones), the
-    standard forwarding headers (set fresh: this gateway is the edge) and the
-    client's Last-Event-ID reach the upstream.
+    Only the route's allow-listed `forward_headers` (config refuses hop-by-hop,
+    framing and gateway-owned names there), the standard forwarding headers (set
+    fresh: this gateway is the edge) and the client's Last-Event-ID reach the upstream.
     """
     route = target.route
     headers = [
-        (name, request.headers[name])
-        for name in route.forward_headers
-        if name in request.headers and name.lower() not in HOP_BY_HOP
+        (name, request.headers[name]) for name in route.forward_headers if name in request.headers
     ]
     peer, proto = request.remote or "unknown", request.scheme
     # The Host header is client input: only a plain host[:port] may be passed on, or a

@@ -23,6 +23,15 @@ from .support import Changes, Upstream, connect, events
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """A throwaway backend (JWKS, per-user stream) on a free loopback port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 def token(secret: str = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
     body = {"exp": time.time() + 300, "topics": ["news", "prices.*"], **claims}
     return jwt.encode(body, secret, algorithm=algorithm)
@@ -150,11 +159,7 @@ async def test_rs256_and_es256_keys_from_a_jwks_fetched_once_and_cached(
 
     app = web.Application()
     app.router.add_get("/jwks", jwks)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     try:
         gw = await make_gateway(
             route_doc(
@@ -366,11 +371,7 @@ async def test_direct_mode_gives_each_client_its_own_upstream_with_its_own_cooki
 
     app = web.Application()
     app.router.add_get("/stream/{topic}", per_user)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     try:
         route = {
             "name": "inbox",
@@ -517,11 +518,7 @@ async def test_unknown_kids_share_one_jwks_fetch(
 
     app = web.Application()
     app.router.add_get("/jwks", jwks)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     try:
         auth = {"type": "jwt", "algorithms": ["HS256"], "jwks_url": f"http://127.0.0.1:{port}/jwks"}
         gw = await make_gateway(route_doc(upstream, auth=auth))
