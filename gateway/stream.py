@@ -128,7 +128,9 @@ class Downstream:
             if backlog > self._limit + self._allowance or self._blocked_too_long():
                 self.close("slow")
                 return False
-        else:
+        elif self._blocked_since is not None or self._allowance:
+            # Drained: the write clock starts over and a replay's allowance is spent. Only
+            # when there is something to reset: this runs per subscriber per batch.
             self._blocked_since = None
             self._allowance = 0
         transport.write(data)
