@@ -224,7 +224,10 @@ async def serve(
     hub.admit(target)
     transport = request.transport
     if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away before the stream started")
+        # The client left before its stream began (a reconnect storm does this): nothing to
+        # send and nothing went wrong. A plain empty answer; aiohttp's write to the closed
+        # socket fails quietly. Raising here was logged as a server error with a traceback.
+        return web.Response(status=204)
     route = target.route
     metrics = hub.metrics.route(route.name)
     resp = web.StreamResponse(status=200, headers=SSE_HEADERS | extra_headers)

@@ -11,7 +11,7 @@ import aiohttp
 from gateway.app import LIFECYCLE
 
 from .conftest import GatewayFactory, route_doc
-from .support import Upstream, connect, events
+from .support import Upstream, connect, events, raw_request
 
 HEARTBEAT = b": heartbeat\n\n"
 
@@ -209,3 +209,28 @@ async def test_shutdown_does_not_wait_for_a_subscriber_that_is_not_reading(
     await good.wait_end()
     assert good.response.content.at_eof()
     stalled.close()
+
+
+async def test_a_client_gone_before_its_stream_starts_is_not_a_server_error(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    from .support import LogWatcher
+
+    gw = await make_gateway(route_doc(upstream))
+    with LogWatcher("aiohttp") as aiohttp_log, LogWatcher("gateway") as log:
+        for _ in range(20):  # bounded: send a request and hang up at once, abruptly
+            sock = socket.socket()
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            await loop.sock_sendall(sock, b"GET /events/gone HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            sock.close()
+        # A request that completes afterwards proves the gateway handled all of the above.
+        head = await raw_request(gw.port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.split()[1] == b"404"
+        await log.until(lambda lines: any("path=/nope" in line for line in lines))
+    assert not any("Error handling request" in line for line in aiohttp_log.records)
+    assert not any("status=500" in line for line in log.records)
