@@ -13,10 +13,16 @@ Each connection is an asyncio `Protocol` (no aiohttp on the read path). It sends
   over the completed events to extract their ``id: <seq>`` lines. Comments (heartbeats), the
   ``retry:`` preamble and ``data`` lines never match.
 * per connection: events received, last seq, lost events (sum of forward seq jumps), gaps (how
-  many jumps), duplicates (a seq <= the last one).
+  many jumps), duplicates (a seq <= the last one). The seq is the event's ``id`` by default;
+  with ``Load(seq_re=SEQ_RE)`` it is the ``"seq":`` field of the bench data instead (for servers
+  such as nchan that assign their own ids).
 * latency: one event in every `sample_every` (counted over all connections) has its send time
   (``"t":`` from the bench upstream) parsed; the sample is receive time - send time, where the
   receive time is taken when the read is processed (so it includes this client's own loop delay).
+* optionally (``Load(reconnect=True)``) a stream that ends is reopened like an EventSource would,
+  with ``Last-Event-ID`` set to the last ``id:`` seen (``Load(track_id=True)``); the counters carry
+  over, so events lost or repeated across the reconnect show up as gaps or duplicates.
+  `SSEConnection.cycle()` closes a stream on purpose and reopens it the same way (churn).
 
 Only loopback addresses are accepted.
 """
@@ -38,7 +44,11 @@ from urllib.parse import urlsplit
 import uvloop
 
 ID_RE = re.compile(rb"^id: (\d+)$", re.MULTILINE)
+SEQ_RE = re.compile(rb'"seq":(\d+)')
 T_RE = re.compile(rb'"t":(\d+\.\d+)')
+REOPEN_ATTEMPTS = 20  # a stream that cannot be reopened after this many tries stays closed
+REOPEN_DELAY = 0.5  # seconds between tries after a failure (an end is retried at once)
+REOPEN_TASKS: set[asyncio.Task[None]] = set()  # strong references while they run
 # Bounds on what one connection buffers: a stream that breaks them is a protocol failure.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TAIL_BYTES = 4 * 1024 * 1024
@@ -60,6 +70,12 @@ class Load:
     conns: list[SSEConnection] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
     countdown: int = 1
+    seq_re: re.Pattern[bytes] = ID_RE
+    track_id: bool = False  # remember each stream's last `id:` value (for Last-Event-ID)
+    reconnect: bool = False  # reopen a stream that ends, as an EventSource would
+    cycle_delay: float = 0.0  # seconds a stream closed by `cycle()` stays closed
+    stopping: bool = False
+    reopen_failures: Counter[str] = field(default_factory=Counter)
 
     def snapshot(self) -> Snapshot:
         conns = self.conns
@@ -71,9 +87,13 @@ class Load:
             dups=sum(c.dups for c in conns),
             closed=sum(1 for c in conns if c.closed),
             errors=sum(1 for c in conns if c.error is not None),
+            ends=sum(c.ends for c in conns),
+            reopens=sum(c.reopens for c in conns),
+            cycles=sum(c.cycles for c in conns),
         )
 
     def close_all(self) -> None:
+        self.stopping = True
         for conn in self.conns:
             conn.close()
 
@@ -87,6 +107,9 @@ class Snapshot:
     dups: int
     closed: int
     errors: int
+    ends: int = 0
+    reopens: int = 0
+    cycles: int = 0
 
     @property
     def events(self) -> int:
@@ -105,6 +128,9 @@ class Window:
     closed: int
     errors: int
     silent: int  # connections that received nothing in the window
+    ends: int = 0  # streams the server ended (not closed by us)
+    reopens: int = 0  # streams reopened (after an end or a cycle)
+    cycles: int = 0  # streams closed on purpose to be reopened (churn)
 
     @classmethod
     def between(cls, a: Snapshot, b: Snapshot) -> Window:
@@ -119,6 +145,9 @@ class Window:
             closed=b.closed - a.closed,
             errors=b.errors - a.errors,
             silent=sum(1 for d in per if d == 0),
+            ends=b.ends - a.ends,
+            reopens=b.reopens - a.reopens,
+            cycles=b.cycles - a.cycles,
         )
 
 
@@ -127,25 +156,39 @@ class SSEConnection(asyncio.Protocol):
         "_chunk_left",
         "_chunk_pending",
         "_chunked",
+        "_cycling",
         "_head",
+        "_reopening",
         "_request",
+        "_stopped",
         "_tail",
+        "_target",
         "_transport",
         "closed",
+        "cycles",
         "dups",
+        "ends",
         "error",
         "events",
         "first_seq",
         "gaps",
+        "last_id",
         "last_seq",
         "load",
         "lost",
         "ready",
+        "reopens",
     )
 
-    def __init__(self, load: Load, request: bytes) -> None:
+    def __init__(
+        self, load: Load, request: bytes, target: tuple[str, int, str, bool] | None = None
+    ) -> None:
         self.load = load
         self._request = request
+        self._target = target  # (host, port, path, http10): needed to reopen
+        self._stopped = False
+        self._cycling = False
+        self._reopening = False
         self._transport: asyncio.Transport | None = None
         self._head: bytearray | None = bytearray()  # None once the headers are in
         self._chunked = False
@@ -162,6 +205,10 @@ class SSEConnection(asyncio.Protocol):
         self.dups = 0
         self.closed = False
         self.error: str | None = None
+        self.last_id = b""
+        self.ends = 0
+        self.reopens = 0
+        self.cycles = 0
 
     # --- asyncio.Protocol -------------------------------------------------------
 
@@ -174,6 +221,19 @@ class SSEConnection(asyncio.Protocol):
         self.closed = True
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("closed before the response headers"))
+        if self._stopped or self.load.stopping or self._target is None or self._reopening:
+            return  # (a failed reopen attempt is retried by `_reopen` itself)
+        if self._cycling:
+            self._start_reopen()
+        elif self.load.reconnect and self.ready.done() and self.ready.exception() is None:
+            self.ends += 1
+            self._start_reopen()
+
+    def _start_reopen(self) -> None:
+        self._reopening = True
+        task = asyncio.get_running_loop().create_task(self._reopen())
+        REOPEN_TASKS.add(task)
+        task.add_done_callback(REOPEN_TASKS.discard)
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close
@@ -269,9 +329,15 @@ class SSEConnection(asyncio.Protocol):
         else:
             done = buf[:cut]
             self._tail = buf[cut:]
-        ids = ID_RE.findall(done)
+        load = self.load
+        ids = load.seq_re.findall(done)
         if not ids:
             return
+        if load.track_id:
+            at = done.rfind(b"\nid: ")
+            at = at + 1 if at >= 0 else (0 if done.startswith(b"id: ") else -1)
+            if at >= 0:
+                self.last_id = done[at + 4 : done.find(b"\n", at)]
         n = len(ids)
         self.events += n
         last = self.last_seq
@@ -287,12 +353,11 @@ class SSEConnection(asyncio.Protocol):
             else:
                 self.dups += 1
         self.last_seq = last
-        load = self.load
         load.countdown -= n
         if load.countdown <= 0:
             load.countdown = load.sample_every
             if load.recording:
-                m = T_RE.search(done, max(0, done.rfind(b"id: ")))
+                m = T_RE.match(done, max(0, done.rfind(b'"t":')))
                 if m is not None:
                     load.samples.append(time.time() - float(m.group(1)))
 
@@ -306,21 +371,70 @@ class SSEConnection(asyncio.Protocol):
         self.abort()
 
     def close(self) -> None:
+        self._stopped = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+    def cycle(self) -> bool:
+        """Close this stream on purpose and reopen it with Last-Event-ID (churn)."""
+        if self.closed or self._cycling or self._stopped or self._transport is None:
+            return False
+        self._cycling = True
+        self.cycles += 1
+        self._transport.close()
+        return True
+
+    async def _reopen(self) -> None:
+        """Reconnect with this object as the protocol again; counters carry over."""
+        assert self._target is not None
+        host, port, path, http10 = self._target
+        loop = asyncio.get_running_loop()
+        if self._cycling and self.load.cycle_delay > 0:
+            await asyncio.sleep(self.load.cycle_delay)
+        for attempt in range(REOPEN_ATTEMPTS):
+            if self._stopped or self.load.stopping:
+                break
+            if attempt:
+                await asyncio.sleep(REOPEN_DELAY)
+            self._head = bytearray()
+            self._chunked = False
+            self._chunk_left = 0
+            self._chunk_pending = b""
+            self._tail = b""
+            self._transport = None
+            self.ready = loop.create_future()
+            self._request = request_bytes(host, port, path, http10, self.last_id or None)
+            try:
+                async with asyncio.timeout(10.0):
+                    await loop.create_connection(lambda: self, host, port)
+                    await self.ready
+            except (OSError, TimeoutError, StreamFailure) as exc:
+                self.load.reopen_failures[type(exc).__name__] += 1
+                if self._transport is not None:
+                    self._transport.abort()
+                continue
+            self._cycling = self._reopening = False
+            self.closed = False
+            self.reopens += 1
+            return
+        self._cycling = self._reopening = False
 
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
 
 
-def request_bytes(host: str, port: int, path: str, http10: bool) -> bytes:
+def request_bytes(
+    host: str, port: int, path: str, http10: bool, last_event_id: bytes | None = None
+) -> bytes:
     version = b"HTTP/1.0" if http10 else b"HTTP/1.1"
-    return b"GET %b %b\r\nHost: %b:%d\r\nAccept: text/event-stream\r\n\r\n" % (
+    extra = b"Last-Event-ID: %b\r\n" % last_event_id if last_event_id else b""
+    return b"GET %b %b\r\nHost: %b:%d\r\nAccept: text/event-stream\r\n%b\r\n" % (
         path.encode(),
         version,
         host.encode(),
         port,
+        extra,
     )
 
 
@@ -355,7 +469,9 @@ async def connect_all(
 
     async def one(path: str) -> None:
         async with sem:
-            conn = SSEConnection(load, request_bytes(host, port, path, http10))
+            conn = SSEConnection(
+                load, request_bytes(host, port, path, http10), (host, port, path, http10)
+            )
             try:
                 async with asyncio.timeout(connect_timeout):
                     await loop.create_connection(lambda: conn, host, port)
