@@ -93,6 +93,7 @@ from bench.fanout import (
     machine_cpu,
     no_nan,
     start_child,
+    upstream_argv,
 )
 
 TARGETS = ("gateway", "nginx", "nchan", "naive")
@@ -272,17 +273,7 @@ http {{
 def start_target(name: str, args: argparse.Namespace, log_dir: Path) -> Running:
     py = sys.executable
     port, up_port = free_port(), free_port()
-    upstream_argv = [
-        py,
-        "-m",
-        "bench.upstream",
-        "--port",
-        str(up_port),
-        "--rate",
-        str(args.rate),
-        "--size",
-        str(args.size),
-    ]
+    source_argv = upstream_argv(args, up_port)
     started: list[Child] = []
     try:
         if name == "nchan":
@@ -296,11 +287,11 @@ def start_target(name: str, args: argparse.Namespace, log_dir: Path) -> Running:
             ]
             if args.nchan_ws:
                 publish.append("--publish-ws")
-            source = start_child("publisher", upstream_argv + publish, log_dir)
+            source = start_child("publisher", source_argv + publish, log_dir)
             started.append(source)
             source.wait_ready("listening on", READY_TIMEOUT)
             return Running(name, main, source, port, up_port)
-        source = start_child("upstream", upstream_argv, log_dir)
+        source = start_child("upstream", source_argv, log_dir)
         started.append(source)
         source.wait_ready("listening on", READY_TIMEOUT)
         upstream_url = f"http://{HOST}:{up_port}/stream/{{topic}}"

@@ -177,6 +177,21 @@ GATEWAY_ENV = {
 }
 
 
+def upstream_argv(args: argparse.Namespace, port: int) -> list[str]:
+    """The SSE generator's command line, for the rate and size under test."""
+    return [
+        sys.executable,
+        "-m",
+        "bench.upstream",
+        "--port",
+        str(port),
+        "--rate",
+        str(args.rate),
+        "--size",
+        str(args.size),
+    ]
+
+
 def start_child(
     name: str, argv: list[str], log_dir: Path, extra_env: dict[str, str] | None = None
 ) -> Child:
@@ -493,21 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     children: list[Child] = []
     result: dict[str, Any] = {}
     try:
-        upstream = start_child(
-            "upstream",
-            [
-                py,
-                "-m",
-                "bench.upstream",
-                "--port",
-                str(up_port),
-                "--rate",
-                str(args.rate),
-                "--size",
-                str(args.size),
-            ],
-            log_dir,
-        )
+        upstream = start_child("upstream", upstream_argv(args, up_port), log_dir)
         children.append(upstream)
         upstream.wait_ready("listening on", READY_TIMEOUT)
         gateway = start_child(
