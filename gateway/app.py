@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import re
@@ -253,25 +254,29 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     route = target.route
     # Admission first: its rate and per-client limits also shield the auth backends.
     admission.enter(client, route)
+    # An established stream outlives this handler: its end gives the slot back.
+    release = functools.partial(admission.leave, client, route)
     try:
         grant = await app[AUTHORIZER].check(request, target)
         if target.route.mode == "direct":
             # The client's own upstream request carries its Last-Event-ID: no replay here.
             target, last_event_id = direct_target(request, target, last_event_id), None
-        routes = settings.routes
-        return await stream.serve(
-            request,
-            target,
-            app[HUB],
-            app[WHEEL],
-            cors,
-            last_event_id,
-            app[ACCESS],
-            expires_at=grant.expires_at,
-            still_current=lambda: app[SETTINGS].routes is routes,
-        )
-    finally:
-        admission.leave(client, route)
+    except BaseException:
+        release()
+        raise
+    routes = settings.routes
+    return await stream.serve(
+        request,
+        target,
+        app[HUB],
+        app[WHEEL],
+        cors,
+        last_event_id,
+        app[ACCESS],
+        expires_at=grant.expires_at,
+        still_current=lambda: app[SETTINGS].routes is routes,
+        release=release,
+    )
 
 
 def direct_target(request: web.Request, target: Target, last_event_id: str | None) -> Target:

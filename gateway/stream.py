@@ -1,16 +1,18 @@
 """The downstream response: SSE headers, the preamble, direct writes, heartbeats, close.
 
-A `Downstream` is the hub's `Subscriber` and the wheel's `Beatable`. After
-aiohttp has sent the headers and the preamble (through `resp.write`, which
-flushes them together at once), every later write goes straight to the
-socket's transport with bytes the hub framed once for all subscribers: no
-task wakes per event, and nothing waits on a slow client. A client whose
-unsent bytes pass `max_unsent_bytes` is aborted (it reconnects with
-Last-Event-ID), which bounds memory per subscriber.
+A `Downstream` is the hub's `Subscriber`, the wheel's `Beatable` and, once the
+stream is established, the socket's protocol. aiohttp parses the request and
+sends the headers and the preamble (through `resp.write`, which flushes them
+together at once); then the connection is taken from aiohttp (`_detach`), and
+every later write goes straight to the transport with bytes the hub framed
+once for all subscribers: no task wakes per event, nothing waits on a slow
+client, and no task, request or response object is kept per subscriber.
+A client whose unsent bytes pass `max_unsent_bytes` is aborted (it
+reconnects with Last-Event-ID), which bounds memory per subscriber.
 
-The handler task per subscriber only waits for the stream to end: closed by
-the hub, cut off as slow, or cancelled by aiohttp when the client goes away
-(the server runs with `handler_cancellation=True`).
+A stream ends when the hub closes it, when it is cut off as slow, or when the
+socket reports the client gone (`connection_lost`); its bookkeeping (hub,
+wheel, metrics, access log, admission) runs once, on the next loop turn.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .hub import Hub
 from .metrics import RouteMetrics
 from .route import Target
 from .sse import encode_comment, encode_retry
-from .timing import Clock
+from .timing import Clock, Timer
 from .topic import Framing, Topic
 
 log = logging.getLogger(__name__)
@@ -56,20 +58,28 @@ def chunked(raw: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(raw), raw)
 
 
-class Downstream:
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _nothing() -> None:
+    pass
+
+
+class Downstream(asyncio.Protocol):
     """One subscriber's socket."""
 
     __slots__ = (
         "_allowance",
         "_blocked_since",
         "_clock",
+        "_end",
         "_goodbye",
         "_heartbeat",
         "_limit",
         "_metrics",
+        "_on_end",
         "_transport",
         "_write_timeout",
-        "closed",
         "framing",
         "heartbeat_seconds",
         "last_write",
@@ -103,10 +113,12 @@ class Downstream:
         self._clock = clock
         self._metrics = metrics
         self._heartbeat = framing(HEARTBEAT)
+        # How the response ends cleanly: the last chunk, or (unframed) just the close.
+        self._end = LAST_CHUNK if framing is chunked else b""
+        self._on_end: Callable[[], None] = _nothing
         self.framing = framing
         self.heartbeat_seconds = heartbeat_seconds
         self.topics: list[Topic] = []
-        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.outcome: str | None = None
         self.last_write = clock.now()
         # What this subscriber was written besides the topic's live batches (the topic counts
@@ -170,23 +182,45 @@ class Downstream:
         return last
 
     def close(self, outcome: str) -> None:
+        """End the stream (idempotent); its bookkeeping runs on the next loop turn.
+
+        Deferred because callers are iterating: a topic over its subscribers, the wheel over a
+        slot.
+        """
         if self.outcome is not None:
             return
         self.outcome = outcome
         transport = self._transport
         if outcome == "slow" or transport.get_write_buffer_size() > STALLED_BYTES:
             # Drop what is queued: keeping it would keep the memory the limit exists to bound,
-            # and a clean end (write_eof) would wait on a client that is not reading.
+            # and a clean end would wait on a client that is not reading.
             transport.abort()
-        elif (
-            outcome in ("shutdown", "reload", "auth")
-            and self._goodbye
-            and not transport.is_closing()
-        ):
-            transport.write(self._goodbye)
-            self.own_bytes += len(self._goodbye)
-        if not self.closed.done():
-            self.closed.set_result(outcome)
+        elif not transport.is_closing():
+            if outcome in ("shutdown", "reload", "auth") and self._goodbye:
+                transport.write(self._goodbye)
+                self.own_bytes += len(self._goodbye)
+            if self._end:
+                transport.write(self._end)
+            # Sends what is queued, then the FIN.
+            transport.close()
+        asyncio.get_running_loop().call_soon(self._on_end)
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once, after the stream has ended."""
+        self._on_end = callback
+
+    # The socket's protocol once detached from aiohttp (see `_detach`).
+
+    def data_received(self, data: bytes) -> None:
+        # An SSE client has nothing more to say; whatever it sends (a pipelined request, say)
+        # is dropped, so it costs no memory.
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side: close ours, which ends the stream
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.close("gone")
 
 
 async def turn_away(
@@ -217,91 +251,166 @@ async def serve(
     access: AccessLog,
     expires_at: float | None = None,
     still_current: Callable[[], bool] = lambda: True,
+    release: Callable[[], None] = _nothing,
 ) -> web.StreamResponse:
-    """Stream `target`'s topic to this request until the client, the hub or shutdown ends it."""
-    if hub.is_closing():
-        return await turn_away(request, target, extra_headers)
-    hub.admit(target)
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        # The client left before its stream began (a reconnect storm does this): nothing to
-        # send and nothing went wrong. A plain empty answer; aiohttp's write to the closed
-        # socket fails quietly. Raising here was logged as a server error with a traceback.
-        return web.Response(status=204)
-    route = target.route
-    metrics = hub.metrics.route(route.name)
-    resp = web.StreamResponse(status=200, headers=SSE_HEADERS | extra_headers)
-    # One stream per connection: a closed stream means the connection is done
-    # (and shutdown must not leave idle keep-alive connections behind).
-    resp.force_close()
-    if request.version >= (1, 1):
-        # Explicit, so the framing below is our decision, not an inference.
-        resp.enable_chunked_encoding()
-    await resp.prepare(request)
-    # Drawn per connection, so clients cut off together come back spread over the range.
-    retry = (
-        encode_retry(random.randint(route.retry_ms, route.retry_max_ms)) if route.retry_ms else b""
-    )
-    preamble = retry or encode_comment("ok")
-    # Through aiohttp so the buffered headers and the preamble leave in one write, now.
-    await resp.write(preamble)
-    framing = chunked if resp.chunked else identity
-    downstream = Downstream(
-        transport,
-        framing,
-        max_unsent_bytes=route.max_unsent_bytes,
-        write_timeout_seconds=route.write_timeout_seconds,
-        heartbeat_seconds=route.heartbeat_seconds,
-        goodbye=retry,
-        clock=hub.clock,
-        metrics=metrics,
-    )
-    metrics.bytes_written.inc(len(preamble))
-    downstream.own_bytes += len(preamble)
-    started = hub.clock.now()
-    if hub.is_closing() or not still_current():
-        # Shutdown began, or a reload changed the routes, while the preamble was written:
-        # end now; the client comes back under whatever serves then.
-        return resp
-    # No await between here and subscribe: the stream starts at an event boundary.
+    """Stream `target`'s topic to this request until the client, the hub or shutdown ends it.
+
+    `release` is called once when the stream ends, however it ends (an admission slot, say):
+    an established stream outlives this handler.
+    """
+    owned = False  # True once `release` belongs to the stream's end
     try:
-        topic = hub.subscribe(target, downstream, last_event_id)
-    except TopicLimit:
-        # Others filled the route while this preamble was written: end the stream; the
-        # client retries after `retry:`.
-        metrics.closed["limit"].inc()
-        return resp
-    wheel.add(downstream)
-    metrics.opened.inc()
-    # The grant ends with the client's token: close then, with a retry hint, so the client
-    # comes back with a fresh token and its Last-Event-ID.
-    expiry = (
-        hub.clock.call_later(
-            max(0.0, expires_at - hub.clock.now()), lambda: downstream.close("auth")
+        if hub.is_closing():
+            return await turn_away(request, target, extra_headers)
+        hub.admit(target)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # The client left before its stream began (a reconnect storm does this): nothing
+            # to send and nothing went wrong. A plain empty answer; aiohttp's write to the
+            # closed socket fails quietly. Raising was logged as a server error with a traceback.
+            return web.Response(status=204)
+        route = target.route
+        metrics = hub.metrics.route(route.name)
+        resp = web.StreamResponse(status=200, headers=SSE_HEADERS | extra_headers)
+        # One stream per connection: a closed stream means the connection is done.
+        resp.force_close()
+        if request.version >= (1, 1):
+            # Explicit, so the framing below is our decision, not an inference.
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        # Drawn per connection, so clients cut off together come back spread over the range.
+        retry = (
+            encode_retry(random.randint(route.retry_ms, route.retry_max_ms))
+            if route.retry_ms
+            else b""
         )
-        if expires_at is not None
-        else None
-    )
-    try:
-        await downstream.closed
+        preamble = retry or encode_comment("ok")
+        # Through aiohttp so the buffered headers and the preamble leave in one write, now.
+        await resp.write(preamble)
+        metrics.bytes_written.inc(len(preamble))
+        if hub.is_closing() or not still_current():
+            # Shutdown began, or a reload changed the routes, while the preamble was written:
+            # end now; the client comes back under whatever serves then.
+            return resp
+        if request.protocol.transport is None or transport.is_closing():
+            return resp  # gone while the preamble was written; aiohttp is ending this handler
+        downstream = Downstream(
+            transport,
+            chunked if resp.chunked else identity,
+            max_unsent_bytes=route.max_unsent_bytes,
+            write_timeout_seconds=route.write_timeout_seconds,
+            heartbeat_seconds=route.heartbeat_seconds,
+            goodbye=retry,
+            clock=hub.clock,
+            metrics=metrics,
+        )
+        downstream.own_bytes += len(preamble)
+        # No await from here on: the stream starts at an event boundary, and the socket
+        # cannot change hands half way.
+        try:
+            topic = hub.subscribe(target, downstream, last_event_id)
+        except TopicLimit:
+            # Others filled the route while this preamble was written: end the stream; the
+            # client retries after `retry:`.
+            metrics.closed["limit"].inc()
+            return resp
+        wheel.add(downstream)
+        metrics.opened.inc()
+        stream = _Stream(downstream, topic, target, hub, wheel, access, request.remote, release)
+        owned = True
+        downstream.on_end(stream.ended)
+        if expires_at is not None:
+            # The grant ends with the client's token: close then, with a retry hint, so the
+            # client comes back with a fresh token and its Last-Event-ID.
+            stream.expiry = hub.clock.call_later(
+                max(0.0, expires_at - hub.clock.now()), lambda: downstream.close("auth")
+            )
+        _detach(request, transport, downstream)
     finally:
-        if expiry is not None:
-            expiry.cancel()
-        # Cancelled by aiohttp = the client went away; otherwise the first recorded
-        # outcome stands (a "slow" abort also cancels this task through connection_lost).
-        downstream.close("gone")
-        wheel.discard(downstream)
-        live_events, live_bytes = hub.unsubscribe(topic, downstream)
+        if not owned:
+            release()
+    # aiohttp now holds nothing of this connection and has cancelled this handler, as it does
+    # when a client leaves: end it the same way, so aiohttp writes and logs nothing.
+    raise asyncio.CancelledError
+
+
+def _detach(request: web.Request, transport: asyncio.Transport, downstream: Downstream) -> None:
+    """Take an established stream's connection from aiohttp.
+
+    For as long as a handler runs, aiohttp keeps its protocol and parser, the
+    request, the response and two tasks per connection: about 9 KiB, most of a
+    subscriber's memory. An established stream needs none of them, because the
+    hub writes to the transport directly. So the socket's events go to the
+    `Downstream` from now on, and aiohttp is told the connection was lost, with
+    its transport reference cleared first so that it closes nothing: it drops
+    the connection from its table (shutdown no longer waits for it; the hub ends
+    streams) and cancels the handler, exactly its path for a client that left.
+    """
+    handler = request.protocol
+    transport.set_protocol(downstream)
+    handler.transport = None
+    handler.connection_lost(None)
+    if not transport.is_reading():
+        transport.resume_reading()  # so a client's close is seen
+
+
+class _Stream:
+    """What a stream's end must settle: the hub, the wheel, metrics, the log line, admission."""
+
+    __slots__ = (
+        "access",
+        "client",
+        "downstream",
+        "expiry",
+        "hub",
+        "release",
+        "started",
+        "target",
+        "topic",
+        "wheel",
+    )
+
+    def __init__(
+        self,
+        downstream: Downstream,
+        topic: Topic,
+        target: Target,
+        hub: Hub,
+        wheel: HeartbeatWheel,
+        access: AccessLog,
+        client: str | None,
+        release: Callable[[], None],
+    ) -> None:
+        self.downstream = downstream
+        self.topic = topic
+        self.target = target
+        self.hub = hub
+        self.wheel = wheel
+        self.access = access
+        self.client = client
+        self.release = release
+        self.started = hub.clock.now()
+        self.expiry: Timer | None = None
+
+    def ended(self) -> None:
+        downstream, hub = self.downstream, self.hub
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.wheel.discard(downstream)
+        live_events, live_bytes = hub.unsubscribe(self.topic, downstream)
         outcome = downstream.outcome or "gone"
-        seconds = hub.clock.now() - started
+        seconds = hub.clock.now() - self.started
+        route = self.target.route
+        metrics = hub.metrics.route(route.name)
         metrics.closed[outcome].inc()
         metrics.subscription_seconds.observe(seconds)
-        access.write(
+        self.release()
+        self.access.write(
             "stream",
             {
                 "route": route.name,
-                "topic": target.upstream_url,
-                "client": request.remote,
+                "topic": self.target.upstream_url,
+                "client": self.client,
                 "status": 200,
                 "seconds": round(seconds, 3),
                 "events": live_events + downstream.own_events,
@@ -309,4 +418,3 @@ async def serve(
                 "outcome": outcome,
             },
         )
-    return resp

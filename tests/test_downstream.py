@@ -234,3 +234,94 @@ async def test_a_client_gone_before_its_stream_starts_is_not_a_server_error(
         await log.until(lambda lines: any("path=/nope" in line for line in lines))
     assert not any("Error handling request" in line for line in aiohttp_log.records)
     assert not any("status=500" in line for line in log.records)
+
+
+async def _raw_stream(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert await reader.readuntil(b"retry: 3000\n\n\r\n") == b"d\r\nretry: 3000\n\n\r\n"
+    return reader, writer
+
+
+async def test_an_established_stream_keeps_no_handler_task_or_aiohttp_connection(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream, linger_seconds=0))
+    first = await _raw_stream(gw.port, "/events/d")
+    await upstream.wait_open("d")
+    tasks = len(asyncio.all_tasks())
+    server = gw.runner.server
+    assert server is not None
+    streams = [await _raw_stream(gw.port, "/events/d") for _ in range(20)]
+    # 20 more subscribers, yet no task more (aiohttp's handler runs two per connection) and
+    # none of them in aiohttp's connection table: the socket belongs to the stream.
+    assert len(asyncio.all_tasks()) <= tasks
+    # aiohttp forgets a connection when its handler task has finished, a loop turn later.
+    async with asyncio.timeout(5):
+        while server.connections:  # noqa: ASYNC110 (no event for it: bounded poll)
+            await asyncio.sleep(0)
+    assert gw.metric("sse_gateway_subscribers", route="r") == 21
+    await upstream.publish("d", *events("d", 1, 1))
+    for reader, _ in [first, *streams]:
+        async with asyncio.timeout(5):
+            assert (
+                await reader.readuntil(b"data: d 1 \n\n\r\n") == b"12\r\nid: 1\ndata: d 1 \n\n\r\n"
+            )
+    for _, writer in [first, *streams]:
+        writer.close()
+    await upstream.wait_closed("d")
+    assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="gone") == 21
+
+
+async def test_bytes_a_client_sends_after_its_request_are_ignored(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream, linger_seconds=0))
+    reader, writer = await _raw_stream(gw.port, "/events/p")
+    await upstream.wait_open("p")
+    # A pipelined second request and some garbage: no second response, no error, no end.
+    writer.write(b"GET /events/q HTTP/1.1\r\nHost: x\r\n\r\n" + b"\x00junk" * 1000)
+    await writer.drain()
+    await upstream.publish("p", *events("p", 1, 1))
+    async with asyncio.timeout(5):
+        assert await reader.readuntil(b"data: p 1 \n\n\r\n") == b"12\r\nid: 1\ndata: p 1 \n\n\r\n"
+    assert upstream.subscribers("q") == 0
+    assert gw.metric("sse_gateway_subscribers", route="r") == 1
+    writer.close()
+
+
+async def test_a_client_that_half_closes_ends_its_stream(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(
+        route_doc(upstream, linger_seconds=0), limits={"max_subscribers_per_client": 1}
+    )
+    reader, writer = await _raw_stream(gw.port, "/events/h")
+    await upstream.wait_open("h")
+    writer.write_eof()  # FIN: the client is done
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # the gateway closes its side too
+    await upstream.wait_closed("h")
+    assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="gone") == 1
+    assert gw.metric("sse_gateway_subscribers", route="r") == 0
+    # The client's admission slot was given back with the stream: a new stream is admitted.
+    _, writer2 = await _raw_stream(gw.port, "/events/h")
+    writer2.close()
+    writer.close()
+
+
+async def test_a_stream_the_gateway_ends_gets_the_last_chunk_then_the_close(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream, linger_seconds=0))
+    reader, writer = await _raw_stream(gw.port, "/events/e")
+    await upstream.wait_open("e")
+    gw.hub.close_route_topics(lambda target: False, "reload")
+    async with asyncio.timeout(5):
+        # The retry hint, then the chunked terminator, then EOF.
+        assert await reader.read() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
+    writer.close()
