@@ -115,6 +115,7 @@ tls_key_file = "{key}"
 name = "r"
 path = "/events/{{topic}}"
 upstream = "{upstream_url}"
+linger_seconds = 0
 """
     )
     return str(path)
@@ -154,9 +155,16 @@ async def test_gateway_listener_serves_https_and_refuses_plain_http_and_untrusti
             # The stream over TLS was not disturbed by either.
             await upstream.publish("x", *events("x", 3, 1))
             assert await client.wait_events(3) == events("x", 1, 3)
+            # A TLS client that leaves is seen gone: its topic's upstream closes.
+            other = await connect(trusting, f"https://127.0.0.1:{port}/events/y")
+            await upstream.wait_open("y")
+            other.close()
+            await upstream.wait_closed("y")
 
             proc.send_signal(signal.SIGTERM)
             await client.wait_end(timeout=10)
+            # A clean end over TLS too: the chunked body was terminated, not cut.
+            assert client.response.content.at_eof()
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         await log.until("stopped")
     # The key's path may be logged (it helps an operator); its contents never.
