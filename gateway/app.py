@@ -340,6 +340,7 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
     settings.config = new
     settings.routes = RouteTable(new.routes)
     app[ADMISSION].update(new.limits)
+    app[WHEEL].retune(HeartbeatWheel.tick_for([r.heartbeat_seconds for r in new.routes]))
     unchanged = sum(1 for r in old.routes if routes.get(r.name) == r)
     log.info(
         "reloaded: %d routes, %d unchanged; %d topics of changed routes closed",

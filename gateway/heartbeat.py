@@ -110,6 +110,26 @@ class HeartbeatWheel:
         if self._slot_of:
             self._timer = self._clock.call_later(self._tick, self._advance)
 
+    def retune(self, tick_seconds: float) -> None:
+        """Change the tick, re-slotting every subscriber: a reload brought a shorter interval.
+
+        On the old, coarser tick a new route's heartbeats would round up past their interval.
+        """
+        if tick_seconds == self._tick:
+            return
+        subs = list(self._slot_of)
+        self._slots.clear()
+        self._slot_of.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._tick = tick_seconds
+        self._cursor = math.floor(self._clock.now() / tick_seconds)
+        for sub in subs:
+            self._place(sub, sub.last_activity())
+        if subs:
+            self._timer = self._clock.call_later(tick_seconds, self._advance)
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

@@ -98,3 +98,36 @@ def test_zero_interval_means_off_and_an_empty_wheel_holds_no_timer() -> None:
     wheel.discard(on)
     run(clock, 1.0)
     assert [t for _, _, t in clock._timers if not t.cancelled] == []
+
+
+def test_retuned_wheel_keeps_a_shorter_interval_that_the_old_tick_would_overshoot() -> None:
+    clock = FakeClock()
+    wheel = HeartbeatWheel(clock, HeartbeatWheel.tick_for([15.0]), random.Random(3))  # 0.25 s
+    old = Sub(clock, 15.0)
+    wheel.add(old)
+    run(clock, 5.0)
+    # A reload adds a route with a 0.2 s heartbeat: slots of 0.25 s cannot keep it.
+    wheel.retune(HeartbeatWheel.tick_for([15.0, 0.2]))
+    fast = Sub(clock, 0.2)
+    start = clock.now()
+    wheel.add(fast)
+    run(clock, 20.0, step=0.005)
+    gaps = [b - a for a, b in zip([start, *fast.beats], fast.beats, strict=False)]
+    assert len(gaps) >= 90
+    assert all(0.159 <= gap <= 0.2 + 1e-9 for gap in gaps), max(gaps)
+    # The subscribers already in the wheel were re-slotted, not lost.
+    old_gaps = [b - a for a, b in zip(old.beats, old.beats[1:], strict=False)]
+    assert old.beats
+    assert old.beats[0] - 1000.0 <= 15.0
+    assert all(11.9 <= gap <= 15.0 for gap in old_gaps), old_gaps
+
+
+def test_retune_to_the_same_tick_changes_nothing() -> None:
+    clock = FakeClock()
+    tick = HeartbeatWheel.tick_for([1.0])
+    wheel = HeartbeatWheel(clock, tick, random.Random(4))
+    sub = Sub(clock, 1.0)
+    wheel.add(sub)
+    wheel.retune(tick)
+    run(clock, 10.0, step=0.01)
+    assert 10 <= len(sub.beats) <= 13
