@@ -14,10 +14,12 @@ auth mistake is reported with its key path like any other.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from .config import _Table
@@ -85,6 +87,28 @@ def _url(value: str) -> str | None:
     return None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) else "expected an http(s) URL"
 
 
+def _check_plain_http(table: _Table, name: str, url: str | None) -> None:
+    """Plain http only to this host, unless the operator says the network is trusted.
+
+    Over plain http a JWKS can be swapped in transit (then any token verifies), and a
+    forward-auth request carries the client's cookies and tokens in clear.
+    """
+    allowed = table.get("allow_plain_http", bool, False)  # read always: a known key
+    if not url or not url.startswith("http://") or allowed:
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        table.problem(
+            name,
+            f"plain http to {host!r} sends credentials or keys in clear: use https, or set "
+            "allow_plain_http = true for a trusted network",
+        )
+
+
 def _headers(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     names = table.strings(name, default)
     for header in names:
@@ -107,6 +131,7 @@ def read_auth(table: _Table, environ: Mapping[str, str]) -> AuthConfig:
                 table.problem("algorithms", f"{algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         key = _secret(table, "key", environ)
         jwks_url = table.get("jwks_url", str, "", _url) or None
+        _check_plain_http(table, "jwks_url", jwks_url)
         if key is None and jwks_url is None and "key" not in table.data:
             table.problem("key", "a jwt route needs a key or a jwks_url")
         jwt = JwtConfig(
@@ -127,6 +152,7 @@ def read_auth(table: _Table, environ: Mapping[str, str]) -> AuthConfig:
         url = table.get("url", str, "", _url)
         if not url:
             table.problem("url", "a forward route needs the auth backend's url")
+        _check_plain_http(table, "url", url)
         forward = ForwardAuthConfig(
             url=url,
             headers=_headers(table, "headers", ("Cookie", "Authorization")),

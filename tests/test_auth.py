@@ -213,6 +213,34 @@ def test_auth_config_problems_are_named() -> None:
         "routes[0].auth.url: a forward route needs the auth backend's url"
     ]
     assert problems({"type": "magic"})[0] == "routes[0].auth.type: one of none, jwt, forward"
+    # Keys and credentials do not cross a network in clear unless the operator says so.
+    assert problems({"type": "jwt", "jwks_url": "http://id.example/jwks.json"}) == [
+        "routes[0].auth.jwks_url: plain http to 'id.example' sends credentials or keys in "
+        "clear: use https, or set allow_plain_http = true for a trusted network"
+    ]
+    assert problems({"type": "forward", "url": "http://10.0.0.7:9000/auth"}) == [
+        "routes[0].auth.url: plain http to '10.0.0.7' sends credentials or keys in "
+        "clear: use https, or set allow_plain_http = true for a trusted network"
+    ]
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"type": "jwt", "jwks_url": "https://id.example/jwks.json"},
+        {"type": "jwt", "jwks_url": "http://127.0.0.1:9000/jwks.json"},
+        {"type": "forward", "url": "http://localhost:9000/auth"},
+        {"type": "forward", "url": "http://[::1]:9000/auth"},
+        {"type": "forward", "url": "http://auth.internal/auth", "allow_plain_http": True},
+        {"type": "forward", "url": "https://auth.example/auth", "allow_plain_http": False},
+    ],
+)
+def test_auth_urls_over_https_loopback_or_an_explicitly_trusted_network_load(
+    auth: dict[str, Any],
+) -> None:
+    doc = {"routes": [{"path": "/e/{t}", "upstream": "http://u/{t}", "auth": auth}]}
+    route = from_document(doc, {}).routes[0]
+    assert route.auth.type == auth["type"]
     assert "s3cret" not in repr(
         from_document(
             {
