@@ -85,7 +85,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 # Raw (a decoded %0D%0A forges nothing) and without the query string, which
                 # may carry a token.
                 "path": request.raw_path.partition("?")[0][:200],
-                "client": request.remote,
+                "client": client_of(request),
                 "status": exc.status,
                 "reason": exc.reason,
                 "message": exc.message,
@@ -248,9 +248,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     if not app[LIFECYCLE].ready:
         return await stream.turn_away(request, target, cors)
     admission = app[ADMISSION]
-    # The peer address: behind a proxy every client shares it, so set the per-client
-    # limit with that in mind.
-    client = request.remote or "unknown"
+    client = client_of(request)
     route = target.route
     # Admission first: its rate and per-client limits also shield the auth backends.
     admission.enter(client, route)
@@ -260,7 +258,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         grant = await app[AUTHORIZER].check(request, target)
         if target.route.mode == "direct":
             # The client's own upstream request carries its Last-Event-ID: no replay here.
-            target, last_event_id = direct_target(request, target, last_event_id), None
+            target, last_event_id = direct_target(request, target, last_event_id, client), None
     except BaseException:
         release()
         raise
@@ -273,24 +271,37 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         cors,
         last_event_id,
         app[ACCESS],
+        client,
         expires_at=grant.expires_at,
         still_current=lambda: app[SETTINGS].routes is routes,
         release=release,
     )
 
 
-def direct_target(request: web.Request, target: Target, last_event_id: str | None) -> Target:
+def client_of(request: web.Request) -> str:
+    """The client's address: the peer's, or the one trusted proxies name (`trusted_proxies`)."""
+    return policy.client_address(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", []),
+        request.app[SETTINGS].config.server.trusted_proxies,
+    )
+
+
+def direct_target(
+    request: web.Request, target: Target, last_event_id: str | None, client: str
+) -> Target:
     """A private topic for one client: its upstream request carries this client's headers.
 
     Only the route's allow-listed `forward_headers` (config refuses hop-by-hop,
     framing and gateway-owned names there), the standard forwarding headers (set
-    fresh: this gateway is the edge) and the client's Last-Event-ID reach the upstream.
+    fresh, naming the client as `client_of` resolved it, not as the request claimed)
+    and the client's Last-Event-ID reach the upstream.
     """
     route = target.route
     headers = [
         (name, request.headers[name]) for name in route.forward_headers if name in request.headers
     ]
-    peer, proto = request.remote or "unknown", request.scheme
+    peer, proto = client, request.scheme
     # The Host header is client input: only a plain host[:port] may be passed on, or a
     # crafted one would add its own elements to Forwarded (RFC 7239) and fool the upstream.
     host = request.host if _PLAIN_HOST.fullmatch(request.host) else None

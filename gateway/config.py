@@ -12,6 +12,7 @@ fixes a file in one pass.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from urllib.parse import urlsplit
 
 from .authconfig import NO_AUTH, AuthConfig, read_auth
 from .errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_PARAM_PATTERN = r"[A-Za-z0-9._~-]+"
 ENV_PREFIX = "SSE_GATEWAY_"
@@ -127,6 +130,8 @@ class ServerConfig:
     shutdown_timeout_seconds: float
     log_level: str
     access_log: str
+    # Peers whose X-Forwarded-For names the client (load balancers, ingress).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +505,7 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
             "text",
             lambda v: None if v in ("text", "json", "off") else "one of text, json, off",
         ),
+        trusted_proxies=_networks(server, "trusted_proxies"),
     )
     if bool(server_config.tls_cert_file) != bool(server_config.tls_key_file):
         server.problem("tls_key_file", "goes with tls_cert_file: set both to serve HTTPS")
@@ -592,6 +598,16 @@ def default_document() -> dict[str, Any]:
     """The embedded configuration: the demo backend behind one route."""
     text = resources.files("gateway").joinpath("default.toml").read_text("utf-8")
     return tomllib.loads(text)
+
+
+def _networks(table: _Table, name: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for text in table.strings(name, ()):
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError as exc:  # names the problem: "has host bits set", "does not appear..."
+            table.problem(name, str(exc))
+    return tuple(networks)
 
 
 def _env_overrides(doc: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:

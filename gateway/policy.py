@@ -1,4 +1,4 @@
-"""Request policy as pure decisions: CORS and the client's Last-Event-ID (limits build on this).
+"""Request policy as pure decisions: CORS, the client's address and Last-Event-ID, admission.
 
 CORS rules (Fetch standard): with an origin allow-list the exact request
 origin is echoed and `Vary: Origin` is always sent, so a shared cache never
@@ -14,10 +14,11 @@ any upstream is contacted.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import re
 
-from .config import LimitsConfig, RouteConfig
+from .config import IPNetwork, LimitsConfig, RouteConfig
 from .errors import BadRequest, ClientLimit, CorsDenied, OverCapacity, RateLimited
 from .timing import Clock
 
@@ -75,6 +76,40 @@ def preflight_headers(route: RouteConfig, origin: str | None) -> dict[str, str]:
         "Access-Control-Allow-Headers": PREFLIGHT_ALLOW_HEADERS,
         "Access-Control-Max-Age": str(route.cors_max_age_seconds),
     }
+
+
+def client_address(
+    peer: str | None, forwarded_for: list[str], trusted: tuple[IPNetwork, ...]
+) -> str:
+    """Who the client is: the peer, or behind a trusted proxy what the proxies say.
+
+    Each proxy appends the address it received the request from, so X-Forwarded-For
+    is read right to left and the first hop that is not a trusted proxy is the
+    client; whatever is left of it the client wrote itself and proves nothing. A
+    malformed hop ends the walk at the last trusted one.
+    """
+    if peer is None:
+        return "unknown"
+    if not trusted or not forwarded_for or not _in(peer, trusted):
+        return peer
+    client = peer
+    for hop in reversed(",".join(forwarded_for).split(",")):
+        try:
+            address = ipaddress.ip_address(hop.strip())
+        except ValueError:
+            return client
+        client = str(address)
+        if not any(address in network for network in trusted):
+            return client
+    return client
+
+
+def _in(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # a unix socket peer, say
+        return False
+    return any(ip in network for network in networks)
 
 
 def client_last_event_id(header: str | None, query: str | None, max_bytes: int) -> str | None:

@@ -249,6 +249,7 @@ async def serve(
     extra_headers: dict[str, str],
     last_event_id: str | None,
     access: AccessLog,
+    client: str,
     expires_at: float | None = None,
     still_current: Callable[[], bool] = lambda: True,
     release: Callable[[], None] = _nothing,
@@ -316,7 +317,7 @@ async def serve(
             return resp
         wheel.add(downstream)
         metrics.opened.inc()
-        stream = _Stream(downstream, topic, target, hub, wheel, access, request.remote, release)
+        stream = _Stream(downstream, topic, target, hub, wheel, access, client, release)
         owned = True
         downstream.on_end(stream.ended)
         if expires_at is not None:
@@ -378,7 +379,7 @@ class _Stream:
         hub: Hub,
         wheel: HeartbeatWheel,
         access: AccessLog,
-        client: str | None,
+        client: str,
         release: Callable[[], None],
     ) -> None:
         self.downstream = downstream

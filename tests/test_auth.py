@@ -410,14 +410,21 @@ async def test_direct_mode_gives_each_client_its_own_upstream_with_its_own_cooki
             "retry_ms": 3000,
             "retry_max_ms": 3000,
         }
-        gw = await make_gateway(route)
+        # The test client, 127.0.0.1, stands for a trusted load balancer too.
+        gw = await make_gateway(route, server={"trusted_proxies": ["127.0.0.0/8"]})
         alice = await connect(
             session,
             gw.url("/inbox/me"),
             headers={"Cookie": "user=alice", "X-Secret": "no", "X-Request-Id": "r1"},
         )
         bob = await connect(
-            session, gw.url("/inbox/me"), headers={"Cookie": "user=bob", "Last-Event-ID": "7"}
+            session,
+            gw.url("/inbox/me"),
+            headers={
+                "Cookie": "user=bob",
+                "Last-Event-ID": "7",
+                "X-Forwarded-For": "203.0.113.5, 198.51.100.4",
+            },
         )
         await alice.wait_end()  # the upstream ended: so does the client's stream
         await bob.wait_end()
@@ -433,6 +440,9 @@ async def test_direct_mode_gives_each_client_its_own_upstream_with_its_own_cooki
         assert alice_headers["X-Forwarded-For"] == "127.0.0.1"
         assert alice_headers["X-Forwarded-Proto"] == "http"
         assert alice_headers["Forwarded"].startswith('for="127.0.0.1";proto=http')
+        # Behind the trusted proxy, the client it names; the client's own claim is dropped.
+        assert bob_headers["X-Forwarded-For"] == "198.51.100.4"
+        assert bob_headers["Forwarded"].startswith('for="198.51.100.4";proto=http')
         assert len(seen) == 2  # one upstream request per client, none shared
         assert (
             gw.metric("sse_gateway_connections_closed_total", route="inbox", outcome="normal") == 2
