@@ -8,7 +8,9 @@
  * One thread, Linux epoll, edge-triggered, non-blocking sockets: a ready socket is read until a
  * read returns less than the buffer (for a stream socket that means it is drained, epoll(7)), so
  * one read() per wakeup in the usual case, with neither an extra read to see EAGAIN nor the
- * re-poll of every ready socket that level-triggering costs. It opens N streams to 127.0.0.1:PORT (only loopback hosts are accepted), spread over T
+ * re-poll of every ready socket that level-triggering costs. The exception is the peer's FIN: a
+ * read stops short at it with data, and no new edge follows, so when the event carries
+ * EPOLLRDHUP (or HUP/ERR) the socket is read until 0 or EAGAIN. It opens N streams to 127.0.0.1:PORT (only loopback hosts are accepted), spread over T
  * topic paths like bench/client.py's topic_paths (T > 1: PATH0, PATH1, ... round-robin), sending
  * `GET PATH HTTP/1.1` with Host, Accept: text/event-stream, Cache-Control: no-cache and, when a
  * stream is reopened, Last-Event-ID. Per read it de-chunks in place (a chunk-size line may be
@@ -489,7 +491,8 @@ static void send_request(struct conn *c) {
         c->req_off = (uint16_t)(c->req_off + (size_t)w);
     }
     /* MOD re-checks readiness: bytes already queued are reported. */
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u32 = (uint32_t)(c - conns)};
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET,
+                             .data.u32 = (uint32_t)(c - conns)};
     if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) die("epoll_ctl MOD: %s", strerror(errno));
     c->state = ST_HEADERS;
 }
@@ -843,7 +846,8 @@ static void on_socket(struct conn *c, uint32_t events) {
         if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) send_request(c);
         return;
     }
-    /* Edge-triggered: read until a short read (drained) or EAGAIN. */
+    /* Edge-triggered: read until a short read (drained) or EAGAIN, or to the end after a FIN. */
+    bool to_end = (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
     while (c->fd >= 0 && (c->state == ST_HEADERS || c->state == ST_STREAMING)) {
         ssize_t n = read(c->fd, rbuf, sizeof rbuf);
         if (n < 0) {
@@ -867,7 +871,7 @@ static void on_socket(struct conn *c, uint32_t events) {
             on_headers_data(c, rbuf, (size_t)n);
         else
             body(c, rbuf, (size_t)n);
-        if ((size_t)n < sizeof rbuf) return;
+        if ((size_t)n < sizeof rbuf && !to_end) return;
     }
 }
 
