@@ -90,10 +90,15 @@ class CSnapshot:
     failed: dict[str, int]  # first connects, by reason
     reopen_failures: dict[str, int]  # failed reopen attempts, by reason
     broken: dict[str, int]  # streams ended after their headers, by reason
-    cpu_seconds: float  # user + system CPU of the client process so far
+    cpu_user: float  # CPU seconds of the client process so far, in user space
+    cpu_system: float  # ... and in the kernel on its behalf
     maxrss_kib: int
     samples: list[float]  # latency samples (s) recorded since the previous snapshot
     samples_dropped: int  # samples over --max-samples, not kept
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.cpu_user + self.cpu_system
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CSnapshot:
@@ -114,7 +119,8 @@ class CSnapshot:
             failed=dict(d["failed"]),
             reopen_failures=dict(d["reopen_failures"]),
             broken=dict(d["broken"]),
-            cpu_seconds=float(d["cpu_user"]) + float(d["cpu_sys"]),
+            cpu_user=float(d["cpu_user"]),
+            cpu_system=float(d["cpu_sys"]),
             maxrss_kib=int(d["maxrss_kib"]),
             samples=[float(x) for x in d["samples"]],
             samples_dropped=int(d["samples_dropped"]),

@@ -30,9 +30,21 @@ there too) with `nginx -c CONF -p DIR -g 'daemon off; master_process on;'`, as a
 process; --nginx-workers sets worker_processes (default 1: the gateway is one process, so one
 worker compares like with like, and keeps nchan free of inter-worker IPC, its best case).
 
-The load client is `bench.client` in this process; every target's events carry the bench's
-`"seq":N` in their data, which the client uses as the sequence (nchan assigns its own event ids).
-A stream that ends is reopened with Last-Event-ID, as an EventSource would, and counted.
+The load client (--client) is the same for every target of a run:
+
+  c        bench/sseload.c (epoll, one thread), built with Debian's gcc into bench/.build by
+           `bench.cload` and run as a child process driven over its stdin/stdout; its own CPU
+           (getrusage) is the "client CPU" figure, this runner's is reported apart. The default
+           when gcc is installed.
+  python   `bench.client` (asyncio raw sockets) in this process, whose CPU is the client's.
+
+Either way every target's events carry the bench's `"seq":N` in their data, which the client uses
+as the sequence (nchan assigns its own event ids), and a stream that ends is reopened with
+Last-Event-ID, as an EventSource would, and counted. Latency sampling differs when one read
+carries several events: the C client samples exactly one event in K, the Python client the newest
+event of the read in which its countdown runs out, so it under-samples the older events of a burst
+(replay after a reopen in churn: its p99 is far lower than the C client's, which weighs every
+delivered event alike). With one event per read (fanout, topics at low rates) they agree.
 
 Per target: subscribers connected and failed, deliveries/s, delivery ratio (against subscribers x
 rate x window and against what the source actually produced in the window), lost and duplicated
@@ -66,11 +78,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import uvloop
 
+from bench import cload
 from bench.client import (
     SEQ_RE,
     Load,
@@ -97,6 +110,7 @@ from bench.fanout import (
 )
 
 TARGETS = ("gateway", "nginx", "nchan", "naive")
+CLIENTS = ("c", "python")
 SCENARIOS: dict[str, dict[str, float]] = {
     "fanout": {"subscribers": 1000, "topics": 1, "rate": 10.0, "duration": 20.0},
     "rate": {"subscribers": 100, "topics": 1, "rate": 1000.0, "duration": 20.0},
@@ -359,39 +373,208 @@ async def churn(load: Load, per_second: float, until: float) -> None:
         await asyncio.sleep(0.1)
 
 
-async def measure(args: argparse.Namespace, t: Running) -> dict[str, Any]:
+@dataclass
+class Measured:
+    """One window as a load client saw it."""
+
+    window: Window
+    samples: list[float]  # latency samples, seconds, sorted
+    client_cpu: float  # the load client's CPU seconds in the window
+    client_cpu_user: float  # of which in user space (the rest: in the kernel)
+    runner_cpu: float | None = None  # this process's, when the client is another process
+    samples_dropped: int = 0  # samples over the client's cap, not kept
+
+
+class LoadClient(Protocol):
+    """What `measure` needs from a load client (`PyClient` or `CClient`)."""
+
+    kind: str
+
+    async def connect(self, within: float) -> tuple[int, dict[str, int]]: ...
+    async def wait_first_events(self, within: float) -> int: ...
+    async def begin(self) -> None: ...  # start recording; the window starts
+    async def end(self) -> Measured: ...  # the window ends; stop recording
+    async def churn(self, per_second: float, until: float) -> None: ...
+    def reopen_failures(self) -> dict[str, int]: ...
+    async def close(self) -> None: ...
+
+
+class PyClient:
+    """`bench.client` in this process: its CPU is this process's."""
+
+    kind = "python"
+
+    def __init__(self, port: int, paths: list[str], k: int, reopen_delay: float) -> None:
+        self.port = port
+        self.paths = paths
+        self.load = Load(sample_every=k, countdown=k, seq_re=SEQ_RE, track_id=True, reconnect=True)
+        self.load.cycle_delay = reopen_delay
+        self._cpu = 0.0
+        self._user = 0.0
+        self._snap = self.load.snapshot()
+
+    async def connect(self, within: float) -> tuple[int, dict[str, int]]:
+        load = self.load
+        try:
+            async with asyncio.timeout(within):
+                await connect_all(
+                    load,
+                    HOST,
+                    self.port,
+                    self.paths,
+                    parallel=PARALLEL_CONNECTS,
+                    connect_timeout=CONNECT_TIMEOUT,
+                )
+        except TimeoutError:
+            load.failures["connect phase timed out"] += 1
+        return len(load.conns), dict(load.failures)
+
+    async def wait_first_events(self, within: float) -> int:
+        return await wait_first_events(self.load, within)
+
+    async def begin(self) -> None:
+        self._cpu = cpu_seconds("self", children=False)
+        self._user = os.times().user
+        self.load.recording = True
+        self._snap = self.load.snapshot()
+
+    async def end(self) -> Measured:
+        snap_b = self.load.snapshot()
+        self.load.recording = False
+        me = cpu_seconds("self", children=False) - self._cpu
+        user = os.times().user - self._user
+        return Measured(Window.between(self._snap, snap_b), sorted(self.load.samples), me, user)
+
+    async def churn(self, per_second: float, until: float) -> None:
+        await churn(self.load, per_second, until)
+
+    def reopen_failures(self) -> dict[str, int]:
+        return dict(self.load.reopen_failures)
+
+    async def close(self) -> None:
+        self.load.close_all()
+
+
+class CClient:
+    """bench/sseload.c as a child process (`bench.cload`): its CPU is from its getrusage."""
+
+    kind = "c"
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv = argv
+        self.log = log
+        self.proc: cload.CLoad | None = None
+        self._snap: cload.CSnapshot | None = None
+        self._last: cload.CSnapshot | None = None
+        self._runner_cpu = 0.0
+        self._closed = False
+
+    def _client(self) -> cload.CLoad:
+        assert self.proc is not None
+        return self.proc
+
+    async def connect(self, within: float) -> tuple[int, dict[str, int]]:
+        self.proc = await cload.CLoad.start(self.argv, self.log)
+        print(f"[client] sseload pid {self.proc.pid}, log {self.log}", file=sys.stderr)
+        return await self.proc.connect(within)
+
+    async def wait_first_events(self, within: float) -> int:
+        return await self._client().wait_first_events(within)
+
+    async def begin(self) -> None:
+        self._runner_cpu = cpu_seconds("self", children=False)
+        await self._client().record(True)
+        self._snap = await self._client().snapshot()
+
+    async def end(self) -> Measured:
+        assert self._snap is not None
+        snap_b = self._last = await self._client().snapshot()
+        await self._client().record(False)
+        runner = cpu_seconds("self", children=False) - self._runner_cpu
+        return Measured(
+            cload.window(self._snap, snap_b),
+            sorted(snap_b.samples),
+            snap_b.cpu_seconds - self._snap.cpu_seconds,
+            snap_b.cpu_user - self._snap.cpu_user,
+            runner_cpu=runner,
+            samples_dropped=snap_b.samples_dropped,
+        )
+
+    async def churn(self, per_second: float, until: float) -> None:
+        await self._client().churn(per_second, max(0.0, until - time.monotonic()))
+        await asyncio.sleep(max(0.0, until - time.monotonic()))
+
+    def reopen_failures(self) -> dict[str, int]:
+        return dict(self._last.reopen_failures) if self._last is not None else {}
+
+    async def close(self) -> None:
+        if self.proc is not None and not self._closed:
+            self._closed = True
+            how = await self.proc.close()
+            print(f"[client] sseload (pid {self.proc.pid}) {how}", file=sys.stderr)
+
+
+def make_client(args: argparse.Namespace, t: Running, k: int, log_dir: Path) -> LoadClient:
+    if args.client == "python":
+        paths = [f"/events/t{i % args.topics}" for i in range(args.subscribers)]
+        return PyClient(t.port, paths, k, args.reopen_delay)
+    binary = cload.build()
+    argv = cload.argv_for(
+        binary,
+        port=t.port,
+        path="/events/t" if args.topics > 1 else "/events/t0",  # the same paths as above
+        n=args.subscribers,
+        topics=args.topics,
+        sample_every=k,
+        seq_from="data",
+        reconnect=True,
+        cycle_delay=args.reopen_delay,
+        parallel=PARALLEL_CONNECTS,
+        connect_timeout=CONNECT_TIMEOUT,
+        max_seconds=measure_budget(args) + 30,
+    )
+    return CClient(argv, log_dir / "sseload.log")
+
+
+def measure_budget(args: argparse.Namespace) -> float:
+    """Seconds one target's `measure` may take, whatever happens."""
+    return float(args.duration + 150 + args.subscribers / 40 + 3 / args.rate)
+
+
+async def measure(args: argparse.Namespace, t: Running, log_dir: Path) -> dict[str, Any]:
     r: dict[str, Any] = {}
     expected_rate = args.subscribers * args.rate
     k = args.sample_every or max(1, math.ceil(expected_rate / MAX_SAMPLES_PER_SECOND))
-    load = Load(sample_every=k, countdown=k, seq_re=SEQ_RE, track_id=True, reconnect=True)
-    load.cycle_delay = args.reopen_delay
     paths = [f"/events/t{i % args.topics}" for i in range(args.subscribers)]
+    client = make_client(args, t, k, log_dir)
+    try:
+        return await _measure(args, t, r, k, paths, client)
+    finally:
+        await client.close()
+
+
+async def _measure(
+    args: argparse.Namespace,
+    t: Running,
+    r: dict[str, Any],
+    k: int,
+    paths: list[str],
+    client: LoadClient,
+) -> dict[str, Any]:
     stats_url = f"http://{HOST}:{t.source_port}/stats"
     async with aiohttp.ClientSession() as session:
         await asyncio.sleep(1.0)
         r["rss_idle_kib"], r["pss_idle_kib"] = memory_kib(t.pids())
         r["source_rss_idle_kib"] = memory_kib([t.source.pid])[0]
         t0 = time.monotonic()
-        try:
-            async with asyncio.timeout(60 + args.subscribers / 50):
-                await connect_all(
-                    load,
-                    HOST,
-                    t.port,
-                    paths,
-                    parallel=PARALLEL_CONNECTS,
-                    connect_timeout=CONNECT_TIMEOUT,
-                )
-        except TimeoutError:
-            load.failures["connect phase timed out"] += 1
+        connected, failures = await client.connect(60 + args.subscribers / 50)
         r["connect_seconds"] = round(time.monotonic() - t0, 2)
-        r["connected"] = len(load.conns)
-        r["connect_failures"] = dict(load.failures)
-        if not load.conns:
-            load.close_all()
+        r["connected"] = connected
+        r["connect_failures"] = failures
+        if not connected:
             return r
         t0 = time.monotonic()
-        r["no_first_event"] = await wait_first_events(load, 10 + 3 / args.rate)
+        r["no_first_event"] = await client.wait_first_events(10 + 3 / args.rate)
         r["first_event_seconds"] = round(time.monotonic() - t0, 2)
         print(
             f"[{t.name}] connected {r['connected']}/{args.subscribers} in {r['connect_seconds']}s"
@@ -407,19 +590,15 @@ async def measure(args: argparse.Namespace, t: Running) -> dict[str, Any]:
         stats_a = await source_stats(session, stats_url)
         cpu_a = cpu_seconds(t.main.pid)
         src_a = cpu_seconds(t.source.pid)
-        me_a = cpu_seconds("self", children=False)
         box_a = machine_cpu()
-        load.recording = True
-        snap_a = load.snapshot()
+        await client.begin()
         until = time.monotonic() + args.duration
         churner = None
         if args.churn and args.scenario == "churn":
-            churner = asyncio.create_task(churn(load, args.churn, until))
+            churner = asyncio.create_task(client.churn(args.churn, until))
         await asyncio.sleep(max(0.0, until - time.monotonic()))
-        snap_b = load.snapshot()
-        load.recording = False
+        got = await client.end()
         box_b = machine_cpu()
-        me_b = cpu_seconds("self", children=False)
         cpu_b = cpu_seconds(t.main.pid)
         src_b = cpu_seconds(t.source.pid)
         stats_b = await source_stats(session, stats_url)
@@ -427,11 +606,11 @@ async def measure(args: argparse.Namespace, t: Running) -> dict[str, Any]:
             await churner
         r["rss_end_kib"], r["pss_end_kib"] = memory_kib(t.pids())
         r["source_rss_end_kib"] = memory_kib([t.source.pid])[0]
-        load.close_all()
+        await client.close()
         await asyncio.sleep(0.5)
 
-    w = Window.between(snap_a, snap_b)
-    n = len(load.conns)
+    w = got.window
+    n = connected
     r["window_seconds"] = round(w.seconds, 3)
     r["deliveries"] = w.events
     r["deliveries_per_second"] = round(w.events / w.seconds, 1)
@@ -453,16 +632,18 @@ async def measure(args: argparse.Namespace, t: Running) -> dict[str, Any]:
     r["reopens"] = w.reopens
     r["cycles"] = w.cycles
     r["cycles_per_second"] = round(w.cycles / w.seconds, 1)
-    r["reopen_failures"] = dict(load.reopen_failures)
+    r["reopen_failures"] = client.reopen_failures()
     r["stream_errors"] = w.errors
-    lat = sorted(load.samples)
+    lat = got.samples
     r["latency_samples"] = len(lat)
+    if got.samples_dropped:
+        r["latency_samples_dropped"] = got.samples_dropped
     r["sample_every"] = k
     r["latency_ms_p50"] = round(percentile(lat, 50) * 1e3, 3)
     r["latency_ms_p99"] = round(percentile(lat, 99) * 1e3, 3)
     r["latency_ms_max"] = round(lat[-1] * 1e3, 3) if lat else None
     per_m = w.events / 1e6
-    cpu, src, me = cpu_b - cpu_a, src_b - src_a, me_b - me_a
+    cpu, src, me = cpu_b - cpu_a, src_b - src_a, got.client_cpu
     r["cpu_seconds"] = round(cpu, 2)
     r["cpu_percent"] = round(100 * cpu / w.seconds, 1)
     r["cpu_s_per_million"] = round(cpu / per_m, 3) if w.events else None
@@ -472,10 +653,15 @@ async def measure(args: argparse.Namespace, t: Running) -> dict[str, Any]:
     r["client_cpu_seconds"] = round(me, 2)
     r["client_cpu_percent"] = round(100 * me / w.seconds, 1)
     r["client_cpu_s_per_million"] = round(me / per_m, 3) if w.events else None
+    r["client_cpu_user_seconds"] = round(got.client_cpu_user, 3)
+    r["client_cpu_user_s_per_million"] = round(got.client_cpu_user / per_m, 3) if w.events else None
+    runner = got.runner_cpu or 0.0  # (the Python client's CPU is this process's: `me`)
+    if got.runner_cpu is not None:
+        r["runner_cpu_seconds"] = round(runner, 2)
     busy = box_b[0] - box_a[0]
     r["machine_cpu_busy_seconds"] = round(busy, 2)
     r["machine_cpu_capacity_seconds"] = round(box_b[1] - box_a[1], 2)
-    r["other_cpu_seconds"] = round(busy - cpu - src - me, 2)
+    r["other_cpu_seconds"] = round(busy - cpu - src - me - runner, 2)
     r["kib_per_connection"] = round((r["rss_start_kib"] - r["rss_idle_kib"]) / n, 2)
     r["pss_kib_per_connection"] = round((r["pss_start_kib"] - r["pss_idle_kib"]) / n, 2)
     grown = r["source_rss_end_kib"] - r["source_rss_idle_kib"]
@@ -494,7 +680,7 @@ async def measure(args: argparse.Namespace, t: Running) -> dict[str, Any]:
 def run_target(name: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     target_dir = log_dir / name
     target_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"target": name}
+    result: dict[str, Any] = {"target": name, "client": args.client}
     running = start_target(name, args, target_dir)
     print(
         f"[{name}] pid {running.main.pid} :{running.port}, source pid {running.source.pid}"
@@ -502,8 +688,8 @@ def run_target(name: str, args: argparse.Namespace, log_dir: Path) -> dict[str, 
         file=sys.stderr,
     )
     try:
-        budget = args.duration + 150 + args.subscribers / 40 + 3 / args.rate
-        result.update(uvloop.run(asyncio.wait_for(measure(args, running), budget)))
+        budget = measure_budget(args)
+        result.update(uvloop.run(asyncio.wait_for(measure(args, running, target_dir), budget)))
     except Exception as exc:  # one target failing must not lose the others' figures
         result["error"] = f"{type(exc).__name__}: {exc}"
         print(f"[{name}] failed: {result['error']}", file=sys.stderr)
@@ -552,6 +738,7 @@ def rows(args: argparse.Namespace) -> list[tuple[str, Callable[[dict[str, Any]],
         ("target processes", g("target_processes")),
         ("upstream connections", g("upstream_connections")),
         ("client CPU s / M events", g("client_cpu_s_per_million")),
+        ("  of which user space", g("client_cpu_user_s_per_million")),
         ("client CPU % of 1 core", g("client_cpu_percent")),
         ("machine CPU s busy / capacity", pair("machine_cpu_busy_seconds",
                                                "machine_cpu_capacity_seconds")),
@@ -601,6 +788,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sample-every", type=int, default=0, metavar="K", help="latency: 1 event in K (0: auto)"
     )
+    parser.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="c" if cload.compiler() else "python",
+        help="load client: c (bench/sseload.c, needs gcc; the default if installed) or python",
+    )
     parser.add_argument("--log-dir", type=Path, help="logs and nginx prefixes (default: temp)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="append one JSON line a target")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -623,7 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"scenario {args.scenario}: {args.subscribers:,} subscribers, {args.topics} topic(s),"
         f" {fmt(args.rate)} ev/s of {args.size} B, {fmt(args.duration)} s window;"
-        f" RLIMIT_NOFILE {nofile}; logs in {log_dir}",
+        f" RLIMIT_NOFILE {nofile}; load client {args.client}; logs in {log_dir}",
         file=sys.stderr,
     )
     results = []
@@ -635,7 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"scenario {args.scenario}: {args.subscribers:,} subscribers x {args.topics} topic(s),"
         f" {fmt(args.rate)} ev/s/topic, {args.size} B, {fmt(args.duration)} s window,"
-        f" nginx workers {args.nginx_workers}, load average before {loadavg}"
+        f" nginx workers {args.nginx_workers}, load client {args.client},"
+        f" load average before {loadavg}"
     )
     print(table(args, results))
     for r in results:
