@@ -234,7 +234,10 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "OPTIONS"):
         raise MethodNotAllowed("only GET streams", headers={"Allow": "GET, OPTIONS"})
     settings = app[SETTINGS]
-    target = settings.routes.resolve(request.raw_path, request.query.items())
+    # The table this request is served under: a reload during an await below (auth) must
+    # end this stream after its preamble, not let it join a topic of a route that is gone.
+    routes = settings.routes
+    target = routes.resolve(request.raw_path, request.query.items())
     origin = request.headers.get("Origin")
     if request.method == "OPTIONS":
         headers = policy.preflight_headers(target.route, origin)
@@ -262,7 +265,6 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     except BaseException:
         release()
         raise
-    routes = settings.routes
     return await stream.serve(
         request,
         target,

@@ -86,30 +86,52 @@ def client_address(
     Each proxy appends the address it received the request from, so X-Forwarded-For
     is read right to left and the first hop that is not a trusted proxy is the
     client; whatever is left of it the client wrote itself and proves nothing. A
-    malformed hop ends the walk at the last trusted one.
+    malformed hop ends the walk at the last trusted one. Hops may carry a port
+    (`1.2.3.4:5678`, `[2001:db8::1]:443`); IPv4-mapped IPv6 (`::ffff:1.2.3.4`, from
+    dual-stack proxies) counts as the IPv4 address it maps.
     """
     if peer is None:
         return "unknown"
-    if not trusted or not forwarded_for or not _in(peer, trusted):
+    address = _ip(peer)
+    if not trusted or not forwarded_for or address is None or not _in(address, trusted):
         return peer
-    client = peer
+    client = str(address)
     for hop in reversed(",".join(forwarded_for).split(",")):
-        try:
-            address = ipaddress.ip_address(hop.strip())
-        except ValueError:
+        address = _ip(hop)
+        if address is None:
             return client
         client = str(address)
-        if not any(address in network for network in trusted):
+        if not _in(address, trusted):
             return client
     return client
 
 
-def _in(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as a proxy writes it, port or not; None for anything else.
+
+    The result's text is a bare address literal: safe to put in a header as it is.
+    """
+    text = text.strip()
+    if text.startswith("["):  # [v6]:port
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
     try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:  # a unix socket peer, say
-        return False
-    return any(ip in network for network in networks)
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            return None  # "fe80::1%zone" may hold anything after the "%": not an address
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+    return address
+
+
+def _in(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: tuple[IPNetwork, ...]
+) -> bool:
+    return any(address in network for network in networks)
 
 
 def client_last_event_id(header: str | None, query: str | None, max_bytes: int) -> str | None:

@@ -59,6 +59,8 @@ def chunked(raw: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+# What a client may send once its stream has started before it is cut off (outcome "error").
+MAX_CLIENT_BYTES = 64 * 1024
 
 
 def _nothing() -> None:
@@ -78,6 +80,7 @@ class Downstream(asyncio.Protocol):
         "_limit",
         "_metrics",
         "_on_end",
+        "_received",
         "_transport",
         "_write_timeout",
         "framing",
@@ -116,6 +119,7 @@ class Downstream(asyncio.Protocol):
         # How the response ends cleanly: the last chunk, or (unframed) just the close.
         self._end = LAST_CHUNK if framing is chunked else b""
         self._on_end: Callable[[], None] = _nothing
+        self._received = 0
         self.framing = framing
         self.heartbeat_seconds = heartbeat_seconds
         self.topics: list[Topic] = []
@@ -203,7 +207,12 @@ class Downstream(asyncio.Protocol):
                 transport.write(self._end)
             # Sends what is queued, then the FIN.
             transport.close()
-        asyncio.get_running_loop().call_soon(self._on_end)
+        # The callback is looked up when it runs: a stream can be closed while it subscribes
+        # (its replay found the socket backed up), before its end callback is set.
+        asyncio.get_running_loop().call_soon(self._ended)
+
+    def _ended(self) -> None:
+        self._on_end()
 
     def on_end(self, callback: Callable[[], None]) -> None:
         """Run `callback` once, after the stream has ended."""
@@ -212,9 +221,11 @@ class Downstream(asyncio.Protocol):
     # The socket's protocol once detached from aiohttp (see `_detach`).
 
     def data_received(self, data: bytes) -> None:
-        # An SSE client has nothing more to say; whatever it sends (a pipelined request, say)
-        # is dropped, so it costs no memory.
-        pass
+        # An SSE client has nothing more to say: what it sends (a pipelined request, say) is
+        # dropped, so it costs no memory, and a client that keeps talking is cut off.
+        self._received += len(data)
+        if self._received > MAX_CLIENT_BYTES:
+            self.close("error")
 
     def eof_received(self) -> bool:
         return False  # the client closed its side: close ours, which ends the stream

@@ -15,6 +15,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from multidict import CIMultiDict
 
+from gateway.app import reload
 from gateway.config import ConfigError, from_document
 
 from .conftest import GatewayFactory, route_doc
@@ -310,6 +311,35 @@ async def auth_backend() -> AsyncIterator[AuthBackend]:
 def forward_route(upstream: Upstream, backend: AuthBackend, **auth: Any) -> dict[str, Any]:
     url = f"http://127.0.0.1:{backend.port}/auth"
     return route_doc(upstream, auth={"type": "forward", "url": url, **auth})
+
+
+async def test_a_reload_during_the_auth_check_ends_the_stream_instead_of_joining_the_old_route(
+    upstream: Upstream,
+    make_gateway: GatewayFactory,
+    session: aiohttp.ClientSession,
+    auth_backend: AuthBackend,
+) -> None:
+    route = forward_route(upstream, auth_backend)
+    gw = await make_gateway(route)
+    auth_backend.stalling = True
+    pending = asyncio.create_task(
+        connect(session, gw.url("/events/t"), headers={"Cookie": "session=good"})
+    )
+    await auth_backend.changes.until(lambda: len(auth_backend.calls) == 1)
+    # SIGHUP while the request waits on its auth check: the route changes.
+    doc = {
+        "routes": [dict(route, heartbeat_seconds=7)],
+        "limits": {"max_subscribers_per_client": 0, "max_connections_per_second": 0},
+        "metrics": {"listen": ""},
+    }
+    reload(gw.app, from_document(doc, {}))
+    auth_backend.stall.set()
+    client = await pending
+    # The stream resolved under the old table ends after its preamble (the client comes
+    # back under the new one); no topic of the old route is opened.
+    await client.wait_end()
+    assert gw.hub.topics == {}
+    assert upstream.connections == []
 
 
 async def test_forward_auth_allows_denies_and_passes_the_status_through(

@@ -33,6 +33,16 @@ LB = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
         # A malformed hop ends the walk at the last trusted one.
         ("10.0.0.2", ["1.2.3.4, garbage, 10.1.1.1"], "10.1.1.1"),
         ("10.0.0.2", ["unknown"], "10.0.0.2"),
+        # Ports, as some load balancers write them.
+        ("10.0.0.2", ["1.2.3.4:5678"], "1.2.3.4"),
+        ("10.0.0.2", ["[2001:db8::7]:443"], "2001:db8::7"),
+        ("10.0.0.2", ["1.2.3.4, 10.1.1.1:80"], "1.2.3.4"),
+        # IPv4-mapped IPv6 from dual-stack proxies: trusted as, and named by, the IPv4 address.
+        ("10.0.0.2", ["1.2.3.4, ::ffff:10.1.1.1"], "1.2.3.4"),
+        ("10.0.0.2", ["::ffff:1.2.3.4"], "1.2.3.4"),
+        ("::ffff:10.0.0.2", ["1.2.3.4"], "1.2.3.4"),
+        # A zone id may carry anything after "%" (quotes, semicolons): not an address.
+        ("10.0.0.2", ['fe80::1%x]";proto=https;host="evil.example'], "10.0.0.2"),
         # No header, or no peer at all.
         ("10.0.0.2", [], "10.0.0.2"),
         (None, ["1.2.3.4"], "unknown"),

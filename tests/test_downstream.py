@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 
@@ -324,4 +325,25 @@ async def test_a_stream_the_gateway_ends_gets_the_last_chunk_then_the_close(
     async with asyncio.timeout(5):
         # The retry hint, then the chunked terminator, then EOF.
         assert await reader.read() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
+    writer.close()
+
+
+async def test_a_client_that_keeps_sending_after_its_request_is_cut_off(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream, linger_seconds=0))
+    reader, writer = await _raw_stream(gw.port, "/events/k")
+    await upstream.wait_open("k")
+    try:
+        for _ in range(100):  # bounded: 100 x 8 KiB, past the 64 KiB a stream may be sent
+            writer.write(b"x" * 8192)
+            await writer.drain()
+    except ConnectionError:
+        pass  # cut off while still sending
+    # The gateway closes the stream: EOF, or a reset (it closed with our bytes unread).
+    with contextlib.suppress(ConnectionResetError):
+        async with asyncio.timeout(5):
+            await reader.read()
+    await upstream.wait_closed("k")
+    assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="error") == 1
     writer.close()

@@ -109,3 +109,26 @@ async def test_subscriber_blocked_past_the_write_timeout_is_cut_off() -> None:
     assert sub.outcome == "slow"
     assert transport.aborted
     assert transport.writes == [b"a", b"b", b"c", b"d", b"e"]
+
+
+async def test_a_stream_closed_before_its_end_callback_is_set_still_ends() -> None:
+    # subscribe() may cut a subscriber off (its replay found the socket backed up) before
+    # serve() has set the end callback: the callback set afterwards must still run.
+    transport = FakeTransport()
+    sub = Downstream(
+        transport,  # type: ignore[arg-type]
+        lambda raw: raw,
+        max_unsent_bytes=10,
+        write_timeout_seconds=5,
+        heartbeat_seconds=0,
+        goodbye=b"",
+        clock=FakeClock(),
+        metrics=Metrics(CollectorRegistry()).route("r"),
+    )
+    transport.backlog = 100
+    assert not sub.replay(b"x" * 50, 1)
+    assert sub.outcome == "slow"
+    ended = asyncio.Event()
+    sub.on_end(ended.set)
+    async with asyncio.timeout(5):
+        await ended.wait()
