@@ -1,8 +1,9 @@
 """Configuration of who may subscribe: a route's `[routes.auth]` table.
 
-Read by `config` (the one place configuration is read) through `read_auth`,
-which records problems on the same table object as every other key, so an
-auth mistake is reported with its key path like any other.
+Read by `routeconfig` (in the config layer, the one place configuration is
+read) through `read_auth`, which records problems on the same table object as
+every other key, so an auth mistake is reported with its key path like any
+other.
 
     [routes.auth]                       [routes.auth]
     type = "jwt"                        type = "forward"
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from .config import _Table
+    from .configtable import Table
 
 ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -61,7 +62,7 @@ class AuthConfig:
 NO_AUTH = AuthConfig()
 
 
-def _secret(table: _Table, name: str, environ: Mapping[str, str]) -> str | None:
+def _secret(table: Table, name: str, environ: Mapping[str, str]) -> str | None:
     """A literal, `{ env = "VAR" }` or `{ file = "/path" }`; never echoed in a problem."""
     table.used.add(name)
     value: Any = table.data.get(name)
@@ -87,7 +88,7 @@ def _url(value: str) -> str | None:
     return None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", value) else "expected an http(s) URL"
 
 
-def _check_plain_http(table: _Table, name: str, url: str | None) -> None:
+def _check_plain_http(table: Table, name: str, url: str | None) -> None:
     """Plain http only to this host, unless the operator says the network is trusted.
 
     Over plain http a JWKS can be swapped in transit (then any token verifies), and a
@@ -109,7 +110,7 @@ def _check_plain_http(table: _Table, name: str, url: str | None) -> None:
         )
 
 
-def _headers(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def _headers(table: Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     names = table.strings(name, default)
     for header in names:
         if not _HEADER.fullmatch(header):
@@ -117,7 +118,7 @@ def _headers(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, .
     return names
 
 
-def read_auth(table: _Table, environ: Mapping[str, str]) -> AuthConfig:
+def read_auth(table: Table, environ: Mapping[str, str]) -> AuthConfig:
     kind = table.get(
         "type",
         str,

@@ -16,9 +16,11 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "timing": set(),
     "metrics": set(),
-    "authconfig": {"config"},  # for type checking only
+    "configtable": set(),
+    "authconfig": {"configtable"},  # for type checking only
+    "routeconfig": {"authconfig", "configtable"},
     "tls": {"config"},
-    "config": {"authconfig", "errors"},
+    "config": {"configtable", "errors", "routeconfig"},
     "auth": {"authconfig", "errors", "route", "timing"},
     "route": {"config", "errors"},
     "heartbeat": {"timing"},
@@ -71,6 +73,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "catchup": {"aiohttp"},
     "route": {"aiohttp", "asyncio"},
     "config": {"aiohttp", "asyncio"},
+    "configtable": {"aiohttp", "asyncio"},
+    "routeconfig": {"aiohttp", "asyncio"},
+    "authconfig": {"aiohttp", "asyncio"},
 }
 
 
