@@ -10,8 +10,8 @@ import uvloop
 
 from .config import load, parse_args
 from .errors import ConfigError
-from .server import raise_fd_limit, serve
-from .supervisor import die_with_supervisor, supervise, worker_index
+from .process.server import raise_fd_limit, serve
+from .process.supervisor import die_with_supervisor, supervise, worker_index
 from .tls import TLSError
 
 

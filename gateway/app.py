@@ -22,18 +22,18 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from . import policy, stream
-from .accesslog import AccessLog
-from .auth import Authorizer
 from .config import GatewayConfig
+from .core.hub import Hub
+from .core.route import RouteTable, Target
+from .core.topic import Upstreams
+from .edge import policy, stream
+from .edge.accesslog import AccessLog
+from .edge.auth import Authorizer
+from .edge.heartbeat import HeartbeatWheel
 from .errors import GatewayError, MethodNotAllowed
-from .heartbeat import HeartbeatWheel
-from .hub import Hub
 from .metrics import Metrics
-from .route import RouteTable, Target
 from .timing import Clock, MonotonicClock
-from .topic import Upstreams
-from .upstream import UpstreamClient
+from .upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 

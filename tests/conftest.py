@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import HUB, make_app, make_runner
 from gateway.config import GatewayConfig, from_document
-from gateway.hub import Hub
+from gateway.core.hub import Hub
 from gateway.metrics import Metrics
 
 from .support import FakeClock, ScriptedUpstreams, Upstream

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from gateway.route import Target
+from gateway.core.route import Target
+from gateway.core.topic import Topic, UpstreamSink
 from gateway.sse import Event, Parser, encode_many
-from gateway.topic import Topic, UpstreamSink
 
 
 class Changes:

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, from_document
-from gateway.policy import client_address
+from gateway.edge.policy import client_address
 
 from .conftest import GatewayFactory, route_doc
 from .support import LogWatcher, Upstream, connect

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, RouteConfig, from_document
+from gateway.edge.policy import cors_headers, preflight_headers
 from gateway.errors import CorsDenied
-from gateway.policy import cors_headers, preflight_headers
 
 from .conftest import GatewayFactory, route_doc
 from .support import Upstream, connect

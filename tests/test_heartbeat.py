@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from gateway.heartbeat import HeartbeatWheel
+from gateway.edge.heartbeat import HeartbeatWheel
 
 from .support import FakeClock
 

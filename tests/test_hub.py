@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import from_document
+from gateway.core.hub import Hub
+from gateway.core.route import RouteTable, Target
 from gateway.errors import TopicLimit
-from gateway.hub import Hub
 from gateway.metrics import Metrics
-from gateway.route import RouteTable, Target
 from gateway.sse import Event
 
 from .conftest import value

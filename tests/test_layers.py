@@ -16,98 +16,158 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "timing": set(),
     "metrics": set(),
-    "configtable": set(),
-    "authconfig": {"configtable"},  # for type checking only
-    "routeconfig": {"authconfig", "configtable"},
+    "config.table": set(),
+    "config.auth": {"config.table"},  # for type checking only
+    "config.routes": {"config.auth", "config.table"},
     "tls": {"config"},
-    "config": {"configtable", "errors", "routeconfig"},
-    "auth": {"authconfig", "errors", "route", "timing"},
-    "route": {"config", "errors"},
-    "heartbeat": {"timing"},
-    "ring": set(),
-    "catchup": {"ring", "sse", "timing"},
-    "topic": {"catchup", "metrics", "ring", "route", "sse", "timing"},
-    "hub": {"errors", "metrics", "route", "timing", "topic"},
-    "upstream": {"metrics", "route", "sse", "timing", "tls", "topic"},
-    "accesslog": set(),
-    "stream": {
-        "accesslog",
+    "config": {"config.table", "errors", "config.routes"},
+    "edge.auth": {"config.auth", "errors", "core.route", "timing"},
+    "core.route": {"config", "errors"},
+    "edge.heartbeat": {"timing"},
+    "core.ring": set(),
+    "core.catchup": {"core.ring", "sse", "timing"},
+    "core.topic": {"core.catchup", "metrics", "core.ring", "core.route", "sse", "timing"},
+    "core.hub": {"errors", "metrics", "core.route", "timing", "core.topic"},
+    "upstream.client": {"metrics", "core.route", "sse", "timing", "tls", "core.topic"},
+    "edge.accesslog": set(),
+    "edge.stream": {
+        "edge.accesslog",
         "errors",
-        "heartbeat",
-        "hub",
+        "edge.heartbeat",
+        "core.hub",
         "metrics",
-        "route",
+        "core.route",
         "sse",
         "timing",
-        "topic",
+        "core.topic",
     },
-    "policy": {"config", "errors", "timing"},
+    "edge.policy": {"config", "errors", "timing"},
     "demo": {"sse"},
     "app": {
-        "accesslog",
-        "auth",
+        "edge.accesslog",
+        "edge.auth",
         "config",
         "errors",
-        "heartbeat",
-        "hub",
+        "edge.heartbeat",
+        "core.hub",
         "metrics",
-        "policy",
-        "route",
-        "stream",
+        "edge.policy",
+        "core.route",
+        "edge.stream",
         "timing",
-        "topic",
-        "upstream",
+        "core.topic",
+        "upstream.client",
     },
-    "supervisor": {"config"},
-    "server": {"app", "config", "demo", "errors", "supervisor", "tls"},
-    "__main__": {"config", "errors", "server", "supervisor", "tls"},
+    "process.supervisor": {"config"},
+    "process.server": {"app", "config", "demo", "errors", "process.supervisor", "tls"},
+    "__main__": {"config", "errors", "process.server", "process.supervisor", "tls"},
     "__init__": set(),
 }
 # Third-party or I/O modules a layer must not touch.
 FORBIDDEN: dict[str, set[str]] = {
     "sse": {"asyncio", "aiohttp"},
-    "hub": {"aiohttp"},
-    "topic": {"aiohttp"},
-    "heartbeat": {"aiohttp"},
-    "ring": {"aiohttp", "asyncio"},
-    "catchup": {"aiohttp"},
-    "route": {"aiohttp", "asyncio"},
+    "core.hub": {"aiohttp"},
+    "core.topic": {"aiohttp"},
+    "edge.heartbeat": {"aiohttp"},
+    "core.ring": {"aiohttp", "asyncio"},
+    "core.catchup": {"aiohttp"},
+    "core.route": {"aiohttp", "asyncio"},
     "config": {"aiohttp", "asyncio"},
-    "configtable": {"aiohttp", "asyncio"},
-    "routeconfig": {"aiohttp", "asyncio"},
-    "authconfig": {"aiohttp", "asyncio"},
+    "config.table": {"aiohttp", "asyncio"},
+    "config.routes": {"aiohttp", "asyncio"},
+    "config.auth": {"aiohttp", "asyncio"},
 }
+
+
+# Subpackages and top-level modules by layer: a module may import its own layer and below.
+RANK: dict[str, int] = {
+    "sse": 0,
+    "errors": 0,
+    "timing": 0,
+    "metrics": 1,
+    "config": 1,
+    "tls": 2,
+    "core": 3,
+    "upstream": 4,
+    "edge": 4,
+    "demo": 4,
+    "app": 5,
+    "process": 6,
+    "__main__": 7,
+    "__init__": 0,
+}
+
+
+def module_of(path: Path) -> str:
+    """`gateway/core/hub.py` -> "core.hub"; a package's `__init__.py` is the package."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _package_of(path: Path) -> list[str]:
+    return list(path.relative_to(PACKAGE).parent.parts)
+
+
+def _known(dotted: str) -> str:
+    """The longest module of ours that `dotted` names (an imported name may be a module)."""
+    parts = dotted.split(".")
+    while parts:
+        name = ".".join(parts)
+        if name in ALLOWED:
+            return name
+        parts.pop()
+    return dotted
 
 
 def imports_of(path: Path) -> tuple[set[str], set[str]]:
     """(gateway modules, top-level external modules) imported by a file."""
     internal, external = set(), set()
+    package = _package_of(path)
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                if node.module:
-                    internal.add(node.module.split(".")[0])
-                else:
-                    internal.update(alias.name for alias in node.names)
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                prefix = [*base, *(node.module.split(".") if node.module else [])]
+                # `from .edge import stream` names a module; `from .hub import Hub` a symbol.
+                internal.update(_known(".".join([*prefix, a.name])) for a in node.names)
             elif node.module and node.module.startswith("gateway"):
-                parts = node.module.split(".")
-                internal.add(parts[1] if len(parts) > 1 else node.names[0].name)
+                internal.add(_known(node.module.partition(".")[2] or node.names[0].name))
             elif node.module:
                 external.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
             external.update(alias.name.split(".")[0] for alias in node.names)
+    internal.discard(module_of(path))
     return internal, external
 
 
+def _path(module: str) -> Path:
+    candidate = PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+    return candidate if candidate.exists() else PACKAGE.joinpath(*module.split("."), "__init__.py")
+
+
+def _docstring_only(path: Path) -> bool:
+    return all(isinstance(n, ast.Expr) for n in ast.parse(path.read_text()).body)
+
+
 def test_every_module_is_placed_in_a_layer() -> None:
-    assert {p.stem for p in PACKAGE.glob("*.py")} == set(ALLOWED)
+    found = {
+        module_of(p)
+        for p in PACKAGE.rglob("*.py")
+        if not (p.name == "__init__.py" and p.parent != PACKAGE and _docstring_only(p))
+    }
+    assert found == set(ALLOWED)
 
 
 @pytest.mark.parametrize("module", sorted(ALLOWED))
 def test_imports_only_downward(module: str) -> None:
-    internal, external = imports_of(PACKAGE / f"{module}.py")
+    internal, external = imports_of(_path(module))
     assert internal <= ALLOWED[module], internal - ALLOWED[module]
     assert not external & FORBIDDEN.get(module, set())
+    rank = RANK[module.split(".")[0]]
+    upward = {m for m in internal if RANK[m.split(".")[0]] > rank}
+    assert not upward, f"{module} imports a higher layer: {upward}"
 
 
 def test_codec_uses_only_the_standard_library() -> None:

@@ -10,8 +10,8 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from gateway.app import ADMISSION
+from gateway.edge.stream import Downstream
 from gateway.metrics import Metrics
-from gateway.stream import Downstream
 
 from .conftest import GatewayFactory, route_doc
 from .support import FakeClock, Upstream

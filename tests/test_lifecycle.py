@@ -109,7 +109,7 @@ async def test_refused_connection_is_retried_until_the_upstream_appears(
     gw = await make_gateway(
         route_doc(late, reconnect_initial_seconds=0.01, reconnect_max_seconds=0.05)
     )
-    with LogWatcher("gateway.upstream") as log:
+    with LogWatcher("gateway.upstream.client") as log:
         client = await connect(session, gw.url("/events/x"))
         await log.until(lambda records: sum("ClientConnectorError" in r for r in records) >= 2)
     assert gw.metric("sse_gateway_upstream_failures_total", route="r", reason="connect") >= 2
@@ -165,7 +165,7 @@ async def test_an_id_that_cannot_be_a_header_does_not_take_the_topic_down(
     await upstream.wait_open("ctl")
     await upstream.send("ctl", b"id: a\x01b\ndata: odd\n\n")
     await client.wait_events(1)
-    with LogWatcher("gateway.upstream") as log:
+    with LogWatcher("gateway.upstream.client") as log:
         await upstream.stop()
         await upstream.start()
         await upstream.wait_open("ctl")

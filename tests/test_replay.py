@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 from gateway.config import from_document
-from gateway.hub import Hub
+from gateway.core.hub import Hub
+from gateway.core.route import RouteTable, Target
 from gateway.metrics import Metrics
-from gateway.route import RouteTable, Target
 from gateway.sse import Event, Parser
 
 from .conftest import value

@@ -6,8 +6,8 @@ import aiohttp
 import pytest
 
 from gateway.config import from_document
+from gateway.core.route import RouteTable
 from gateway.errors import BadRequest, NotFound
-from gateway.route import RouteTable
 
 from .conftest import GatewayFactory, route_doc
 from .support import Upstream, connect, events, raw_request

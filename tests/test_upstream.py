@@ -11,11 +11,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.config import from_document
+from gateway.core.route import RouteTable, Target
 from gateway.metrics import Metrics
-from gateway.route import RouteTable, Target
 from gateway.sse import Event
 from gateway.timing import Backoff
-from gateway.upstream import UpstreamClient
+from gateway.upstream.client import UpstreamClient
 
 from .support import FakeClock, Upstream
 

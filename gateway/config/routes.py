@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .authconfig import NO_AUTH, AuthConfig, read_auth
-from .configtable import MISSING, Table, non_negative, positive, readable
+from .auth import NO_AUTH, AuthConfig, read_auth
+from .table import MISSING, Table, non_negative, positive, readable
 
 DEFAULT_PARAM_PATTERN = r"[A-Za-z0-9._~-]+"
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote_to_bytes, urlencode
 
-from .config import RouteConfig
-from .errors import BadRequest, NotFound
+from ..config import RouteConfig
+from ..errors import BadRequest, NotFound
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # A query value travels to the upstream and into the topic key; bound it.

@@ -24,12 +24,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .app import METRICS, drain, make_app, make_metrics_app, make_runner, reload
-from .config import GatewayConfig, Listen
-from .demo import make_demo_app
-from .errors import ConfigError
+from ..app import METRICS, drain, make_app, make_metrics_app, make_runner, reload
+from ..config import GatewayConfig, Listen
+from ..demo import make_demo_app
+from ..errors import ConfigError
+from ..tls import server_context
 from .supervisor import worker_index
-from .tls import server_context
 
 log = logging.getLogger(__name__)
 

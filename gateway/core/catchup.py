@@ -30,9 +30,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from ..sse import EncodeError, Event, encode
+from ..timing import Clock, Timer
 from .ring import Ring
-from .sse import EncodeError, Event, encode
-from .timing import Clock, Timer
 
 log = logging.getLogger(__name__)
 

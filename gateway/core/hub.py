@@ -18,10 +18,10 @@ import logging
 import random
 from collections.abc import Callable
 
-from .errors import TopicLimit
-from .metrics import Metrics
+from ..errors import TopicLimit
+from ..metrics import Metrics
+from ..timing import Clock
 from .route import Target
-from .timing import Clock
 from .topic import Subscriber, Topic, Upstreams
 
 log = logging.getLogger(__name__)

@@ -24,15 +24,15 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from ..core.hub import Hub
+from ..core.route import Target
+from ..core.topic import Framing, Topic
+from ..errors import TopicLimit
+from ..metrics import RouteMetrics
+from ..sse import encode_comment, encode_retry
+from ..timing import Clock, Timer
 from .accesslog import AccessLog
-from .errors import TopicLimit
 from .heartbeat import HeartbeatWheel
-from .hub import Hub
-from .metrics import RouteMetrics
-from .route import Target
-from .sse import encode_comment, encode_retry
-from .timing import Clock, Timer
-from .topic import Framing, Topic
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import re
 
 import aiohttp
 
-from .metrics import Metrics, RouteMetrics
-from .route import Target
-from .sse import Parser
-from .timing import Backoff, Clock
-from .tls import client_context
-from .topic import UpstreamSink
+from ..core.route import Target
+from ..core.topic import UpstreamSink
+from ..metrics import Metrics, RouteMetrics
+from ..sse import Parser
+from ..timing import Backoff, Clock
+from ..tls import client_context
 
 log = logging.getLogger(__name__)
 

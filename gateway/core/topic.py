@@ -35,12 +35,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from ..metrics import RouteMetrics
+from ..sse import EncodeError, Event, encode
+from ..timing import Clock, Timer
 from .catchup import CatchUp
-from .metrics import RouteMetrics
 from .ring import Ring, RingLimits
 from .route import Target
-from .sse import EncodeError, Event, encode
-from .timing import Clock, Timer
 
 log = logging.getLogger(__name__)
 

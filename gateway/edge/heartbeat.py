@@ -22,7 +22,7 @@ import math
 import random
 from typing import Protocol
 
-from .timing import Clock, Timer
+from ..timing import Clock, Timer
 
 # Earliest and latest point in the interval a heartbeat is scheduled for.
 _EARLIEST = 0.8

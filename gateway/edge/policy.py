@@ -18,9 +18,9 @@ import ipaddress
 import math
 import re
 
-from .config import IPNetwork, LimitsConfig, RouteConfig
-from .errors import BadRequest, ClientLimit, CorsDenied, OverCapacity, RateLimited
-from .timing import Clock
+from ..config import IPNetwork, LimitsConfig, RouteConfig
+from ..errors import BadRequest, ClientLimit, CorsDenied, OverCapacity, RateLimited
+from ..timing import Clock
 
 # What an id may not hold: the encoder refuses CR/LF/NUL, and other controls cannot be
 # sent back to an upstream as a header value.

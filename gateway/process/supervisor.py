@@ -28,7 +28,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from .config import GatewayConfig
+from ..config import GatewayConfig
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ import aiohttp
 import jwt
 from aiohttp import web
 
-from .authconfig import ForwardAuthConfig, JwtConfig
-from .errors import AuthDenied, AuthUnavailable, Unauthorized
-from .route import Target
-from .timing import Clock
+from ..config.auth import ForwardAuthConfig, JwtConfig
+from ..core.route import Target
+from ..errors import AuthDenied, AuthUnavailable, Unauthorized
+from ..timing import Clock
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .configtable import IPNetwork, Table, networks, non_negative, positive, readable
-from .errors import ConfigError
-from .routeconfig import (
+from ..errors import ConfigError
+from .routes import (
     DEFAULT_PARAM_PATTERN,
     PLACEHOLDER,
     RouteConfig,
@@ -34,6 +33,7 @@ from .routeconfig import (
     read_defaults,
     read_route,
 )
+from .table import IPNetwork, Table, networks, non_negative, positive, readable
 
 # Other modules import configuration from here alone; the names defined in
 # configtable, routeconfig and errors are re-exported explicitly (mypy --strict).

@@ -1,0 +1,1 @@
+"""The process: listeners, signals, drain and reload, and the worker supervisor."""
