@@ -315,3 +315,33 @@ async def test_drain_is_done_as_soon_as_the_last_subscriber_left(
     topic, sub = joined[-1]
     hub.unsubscribe(topic, sub)
     assert drained.is_set()  # at t=1, not at the end of the 30 s window
+
+
+async def test_a_restarted_runner_resumes_after_the_newest_id_it_published(
+    clock: FakeClock, metrics: Metrics
+) -> None:
+    class Recording(FlakyUpstreams):
+        def __init__(self) -> None:
+            super().__init__(0)
+            self.targets: list[Target] = []
+
+        async def stream(self, target: Target, sink: UpstreamSink) -> None:
+            self.targets.append(target)
+            if len(self.targets) == 1:
+                self.failures = 1  # the first runner publishes, then crashes
+                sink.publish([Event("a", id="7")])
+            return await super().stream(target, sink)
+
+    upstreams = Recording()
+    hub = Hub(upstreams, clock, metrics)
+    (target,) = targets("/e/a")
+    sub = FakeSubscriber()
+    hub.subscribe(target, sub)
+    await upstreams.wait_opened(1)
+    clock.advance(1.0)
+    await upstreams.wait_opened(2)
+    assert upstreams.targets[0].client_headers == ()  # a topic's first start opens live
+    # Not a silent skip of what the upstream sent while the runner was down.
+    assert upstreams.targets[1].client_headers == (("Last-Event-ID", "7"),)
+    assert upstreams.targets[1].topic_key == target.topic_key
+    assert sub.outcome is None
