@@ -142,6 +142,13 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.upstream_runner_restarts = Counter(
+            "sse_gateway_upstream_runner_restarts_total",
+            "Topic upstream runners restarted after they crashed or returned (a bug, contained: "
+            "the topic's subscribers stay connected).",
+            ["route"],
+            registry=r,
+        )
         self.events_received = Counter(
             "sse_gateway_events_received_total",
             "Events parsed from upstreams.",
@@ -259,6 +266,7 @@ class RouteMetrics:
         "upstream_connects",
         "upstream_failures",
         "upstream_reconnects",
+        "upstream_runner_restarts",
         "upstream_states",
     )
 
@@ -271,6 +279,7 @@ class RouteMetrics:
         self.subscription_seconds = m.subscription_seconds.labels(route)
         self.upstream_connects = m.upstream_connects.labels(route)
         self.upstream_reconnects = m.upstream_reconnects.labels(route)
+        self.upstream_runner_restarts = m.upstream_runner_restarts.labels(route)
         self.upstream_failures = {
             r: m.upstream_failures.labels(route, r) for r in UPSTREAM_FAILURES
         }

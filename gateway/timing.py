@@ -63,7 +63,7 @@ class Backoff:
     attempt: int = 0
 
     def next_delay(self, floor_seconds: float = 0.0) -> float:
-        ceiling = min(self.max_seconds, self.initial_seconds * self.multiplier**self.attempt)
+        ceiling = self._ceiling()
         self.attempt += 1
         # Half fixed, half random: a pure full jitter can draw ~0 and hammer a
         # struggling upstream; the fixed half keeps the exponential spacing.
@@ -72,3 +72,15 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+    def _ceiling(self) -> float:
+        # Grown step by step and stopped at the ceiling, never `multiplier ** attempt`: that
+        # overflows a float after ~1,024 attempts (six hours of outage at the defaults).
+        ceiling = self.initial_seconds
+        if self.multiplier <= 1.0:  # no growth: the loop below would never reach the ceiling
+            return min(self.max_seconds, ceiling)
+        for _ in range(self.attempt):
+            if ceiling >= self.max_seconds:
+                break
+            ceiling *= self.multiplier
+        return min(self.max_seconds, ceiling)

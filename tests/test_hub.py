@@ -7,12 +7,13 @@ import pytest
 from gateway.config import from_document
 from gateway.core.hub import Hub
 from gateway.core.route import RouteTable, Target
+from gateway.core.topic import UpstreamSink
 from gateway.errors import TopicLimit
 from gateway.metrics import Metrics
 from gateway.sse import Event
 
 from .conftest import value
-from .support import FakeClock, FakeSubscriber, ScriptedUpstreams
+from .support import FakeClock, FakeSubscriber, LogWatcher, ScriptedUpstreams
 
 
 def targets(*paths: str, linger: float = 5.0) -> list[Target]:
@@ -115,19 +116,20 @@ async def test_linger_then_close_and_a_returning_subscriber_cancels_the_linger(
     assert upstreams.opened == [target.topic_key, target.topic_key]
 
 
-async def test_crashed_upstream_runner_ends_only_its_own_topic(
-    hub: Hub, upstreams: ScriptedUpstreams
+async def test_crashing_upstream_runner_is_contained_to_its_own_topic(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
 ) -> None:
     bad, good = targets("/e/bad", "/e/good")
     upstreams.crash.add(bad.topic_key)
     victim, bystander = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(bad, victim)
     hub.subscribe(good, bystander)
-    await victim.changes.until(lambda: victim.outcome is not None)
     await upstreams.wait_opened(2)
-    assert victim.outcome == "error"
+    clock.advance(1.0)  # the crashed runner's first restart
+    await upstreams.changes.until(lambda: upstreams.opened.count(bad.topic_key) >= 2)
+    assert victim.outcome is None  # still crashing, still connected
     assert bystander.outcome is None
-    assert list(hub.topics) == [good.topic_key]
+    assert sorted(hub.topics) == sorted([bad.topic_key, good.topic_key])
     upstreams.sinks[good.topic_key].publish([Event("still here")])
     assert bystander.received == [b"data: still here\n\n"]
 
@@ -161,18 +163,6 @@ async def test_connected_state_is_counted_once(
     sink.set_state("backoff")
     assert value(metrics, "sse_gateway_upstream_connections", state="connected") == 0
     assert value(metrics, "sse_gateway_upstream_connections", state="backoff") == 1
-
-
-async def test_upstream_runner_that_returns_ends_its_topic_too(
-    hub: Hub, upstreams: ScriptedUpstreams
-) -> None:
-    (target,) = targets("/e/quit")
-    upstreams.give_up.add(target.topic_key)
-    sub = FakeSubscriber()
-    hub.subscribe(target, sub)
-    await sub.changes.until(lambda: sub.outcome is not None)
-    assert sub.outcome == "error"
-    assert hub.topics == {}
 
 
 async def test_topic_cap_per_route(hub: Hub, upstreams: ScriptedUpstreams) -> None:
@@ -219,3 +209,139 @@ async def test_drain_ends_every_stream_in_waves_spread_over_the_window(
     # 20 waves: no 100 ms holds more than a tenth of the streams.
     buckets = [int(t * 10) for t in times]
     assert max(buckets.count(b) for b in set(buckets)) <= 20
+
+
+class FlakyUpstreams(ScriptedUpstreams):
+    """A runner that raises (or returns) `failures` times, then streams until cancelled."""
+
+    def __init__(self, failures: int, how: str = "raise") -> None:
+        super().__init__()
+        self.failures = failures
+        self.how = how
+
+    async def stream(self, target: Target, sink: UpstreamSink) -> None:
+        if not self.failures:
+            return await super().stream(target, sink)
+        self.failures -= 1
+        self.opened.append(target.topic_key)
+        self.sinks[target.topic_key] = sink
+        self.changes.notify()
+        if self.how == "raise":
+            raise RuntimeError("a bug in the upstream runner")
+
+
+class SleepRecordingClock(FakeClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await super().sleep(seconds)
+
+
+async def test_5000_runner_crashes_restart_it_within_the_max_delay_and_subscribers_stay(
+    metrics: Metrics,
+) -> None:
+    upstreams = FlakyUpstreams(5000)
+    clock = SleepRecordingClock()
+    hub = Hub(upstreams, clock, metrics)
+    (target,) = targets("/e/a")
+    subs = [FakeSubscriber(), FakeSubscriber()]
+    for sub in subs:
+        hub.subscribe(target, sub)
+    for attempt in range(1, 5001):
+        await upstreams.wait_opened(attempt)
+        assert subs[0].outcome is None, attempt
+        clock.advance(30.0)  # route.reconnect_max_seconds: every restart is due by then
+    await upstreams.wait_opened(5001)
+    assert len(clock.sleeps) == 5000
+    assert max(clock.sleeps) <= 30.0
+    assert [s.outcome for s in subs] == [None, None]
+    assert list(hub.topics) == [target.topic_key]
+    upstreams.sinks[target.topic_key].publish([Event("back", id="1")])
+    assert [s.received for s in subs] == [[b"id: 1\ndata: back\n\n"]] * 2
+    assert value(metrics, "sse_gateway_upstream_runner_restarts_total") == 5000
+
+
+@pytest.mark.parametrize("how", ["raise", "return"])
+async def test_a_runner_that_raises_or_returns_is_restarted_and_its_subscribers_keep_receiving(
+    hub: Hub, clock: FakeClock, metrics: Metrics, how: str
+) -> None:
+    upstreams = FlakyUpstreams(1, how)
+    hub = Hub(upstreams, clock, metrics)
+    (target,) = targets("/e/a")
+    sub = FakeSubscriber()
+    with LogWatcher("gateway.core.topic") as logs:
+        hub.subscribe(target, sub)
+        await upstreams.wait_opened(1)
+        await logs.until(lambda records: any("restart" in r for r in records))
+    assert value(metrics, "sse_gateway_upstream_runner_restarts_total") == 1
+    assert value(metrics, "sse_gateway_upstream_connections", state="backoff") == 1
+    clock.advance(1.0)  # reconnect_initial_seconds 0.5: the first restart is due by then
+    await upstreams.wait_opened(2)
+    upstreams.sinks[target.topic_key].publish([Event("again")])
+    assert sub.outcome is None
+    assert sub.received == [b"data: again\n\n"]
+
+
+async def test_direct_runner_that_returns_ends_its_client_stream(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    doc = {
+        "routes": [{"name": "r", "path": "/e/{t}", "upstream": "http://u/{t}", "mode": "direct"}]
+    }
+    target = RouteTable(from_document(doc, {}).routes).resolve("/e/a", [])
+    upstreams.give_up.add(target.topic_key)
+    sub = FakeSubscriber()
+    hub.subscribe(target, sub)
+    await sub.changes.until(lambda: sub.outcome is not None)
+    assert sub.outcome == "normal"
+    assert hub.topics == {}
+
+
+async def test_drain_is_done_as_soon_as_the_last_subscriber_left(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    a, b = targets("/e/a", "/e/b")
+    subs = [FakeSubscriber() for _ in range(10)]
+    joined = [(hub.subscribe(a if i % 2 else b, sub), sub) for i, sub in enumerate(subs)]
+    await upstreams.wait_opened(2)
+    drained = hub.drain(30.0)
+    clock.advance(1.0)
+    for topic, sub in joined[:-1]:
+        hub.unsubscribe(topic, sub)
+    assert not drained.is_set()  # one stream is still open
+    topic, sub = joined[-1]
+    hub.unsubscribe(topic, sub)
+    assert drained.is_set()  # at t=1, not at the end of the 30 s window
+
+
+async def test_a_restarted_runner_resumes_after_the_newest_id_it_published(
+    clock: FakeClock, metrics: Metrics
+) -> None:
+    class Recording(FlakyUpstreams):
+        def __init__(self) -> None:
+            super().__init__(0)
+            self.targets: list[Target] = []
+
+        async def stream(self, target: Target, sink: UpstreamSink) -> None:
+            self.targets.append(target)
+            if len(self.targets) == 1:
+                self.failures = 1  # the first runner publishes, then crashes
+                sink.publish([Event("a", id="7")])
+            return await super().stream(target, sink)
+
+    upstreams = Recording()
+    hub = Hub(upstreams, clock, metrics)
+    (target,) = targets("/e/a")
+    sub = FakeSubscriber()
+    hub.subscribe(target, sub)
+    await upstreams.wait_opened(1)
+    clock.advance(1.0)
+    await upstreams.wait_opened(2)
+    assert upstreams.targets[0].client_headers == ()  # a topic's first start opens live
+    # Not a silent skip of what the upstream sent while the runner was down.
+    assert upstreams.targets[1].client_headers == (("Last-Event-ID", "7"),)
+    assert upstreams.targets[1].topic_key == target.topic_key
+    assert sub.outcome is None

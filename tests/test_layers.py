@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "core.ring": set(),
     "core.catchup": {"core.ring", "sse", "timing"},
     "core.topic": {"core.catchup", "metrics", "core.ring", "core.route", "sse", "timing"},
-    "core.hub": {"errors", "metrics", "core.route", "timing", "core.topic"},
+    "core.hub": {"config", "errors", "metrics", "core.route", "timing", "core.topic"},
     "upstream.client": {"metrics", "core.route", "sse", "timing", "tls", "core.topic"},
     "edge.accesslog": set(),
     "edge.stream": {

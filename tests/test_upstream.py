@@ -114,3 +114,46 @@ def test_backoff_jitter_spreads_a_thundering_herd(seed: int) -> None:
     rng = random.Random(seed)
     firsts = [Backoff(1.0, 30.0, rng=rng).next_delay() for _ in range(100)]
     assert max(firsts) - min(firsts) > 0.3
+
+
+class CountingClock(FakeClock):
+    """Records each reconnect wait and goes on at once, until `limit` waits: then it holds."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.waits: list[float] = []
+        self.reached = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.time += seconds
+        if len(self.waits) >= self.limit:
+            self.reached.set()
+            await asyncio.Event().wait()  # held here until the test cancels the stream
+        await asyncio.sleep(0)
+
+
+async def test_5000_consecutive_failures_keep_retrying_within_the_maximum_delay() -> None:
+    # A refused port: every attempt fails at once, as for an upstream down for a day.
+    gone = Upstream()
+    await gone.start()
+    await gone.stop()
+    clock = CountingClock(5000)
+    sink = RecordingSink()
+    target = target_for(gone, reconnect_initial_seconds=0.5, reconnect_max_seconds=30)
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, Metrics(CollectorRegistry()), clock, random.Random(3))
+        task = asyncio.create_task(client.stream(target, sink))
+        reached = asyncio.create_task(clock.reached.wait())
+        try:
+            async with asyncio.timeout(120):
+                await asyncio.wait({task, reached}, return_when=asyncio.FIRST_COMPLETED)
+            assert not task.done(), task  # the runner never raised (OverflowError at 1,024)
+            assert len(clock.waits) == 5000
+            assert max(clock.waits) <= 30.0
+            assert min(clock.waits[10:]) >= 15.0
+        finally:
+            task.cancel()
+            reached.cancel()
+            await asyncio.gather(task, reached, return_exceptions=True)

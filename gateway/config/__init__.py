@@ -92,6 +92,8 @@ class LimitsConfig:
     max_last_event_id_bytes: int
     max_header_bytes: int
     header_timeout_seconds: float
+    # Shared-mode topics (= upstream connections) one client address may open per second.
+    topic_opens_per_client_per_second: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,9 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
         max_last_event_id_bytes=limits.get("max_last_event_id_bytes", int, 1024, positive),
         max_header_bytes=limits.get("max_header_bytes", int, 8190, positive),
         header_timeout_seconds=limits.get("header_timeout_seconds", float, 10.0, positive),
+        topic_opens_per_client_per_second=limits.get(
+            "topic_opens_per_client_per_second", float, 5.0, non_negative
+        ),
     )
     limits.finish()
 

@@ -61,7 +61,11 @@ class Owner(Protocol):
         prefix: list[tuple[str | None, bytes]],
         splice_id: str | None,
         reason: str,
-    ) -> None: ...
+        batch: Sequence[tuple[str | None, bytes]] = (),
+    ) -> None:
+        """`batch`: the (id, bytes) being published when the topic met the catch-up, so the
+        splice still finds what follows the meeting id if a tiny ring already evicted it."""
+        ...
 
 
 class CatchUp:
@@ -133,9 +137,12 @@ class CatchUp:
     def buffered(self, event_id: str) -> bool:
         return event_id in self._ids
 
-    def splice(self, event_id: str) -> None:
-        """Meet the ring at `event_id`: the buffer up to it, then the ring after it."""
-        self._finish(self._buffer[: self._ids[event_id] + 1], event_id, "spliced")
+    def splice(self, event_id: str, batch: Sequence[tuple[str | None, bytes]] = ()) -> None:
+        """Meet the ring at `event_id`: the buffer up to it, then the ring after it.
+
+        `batch` is the topic's batch being published when it met `event_id`, if that is how.
+        """
+        self._finish(self._buffer[: self._ids[event_id] + 1], event_id, "spliced", batch)
 
     def fail(self, reason: str) -> None:
         self._finish(self._buffer, None, reason)
@@ -188,12 +195,16 @@ class CatchUp:
             self.task.cancel()
 
     def _finish(
-        self, prefix: list[tuple[str | None, bytes]], splice_id: str | None, reason: str
+        self,
+        prefix: list[tuple[str | None, bytes]],
+        splice_id: str | None,
+        reason: str,
+        batch: Sequence[tuple[str | None, bytes]] = (),
     ) -> None:
         if self.done:
             return
         self._stop()
-        self._owner.catchup_done(self, prefix, splice_id, reason)
+        self._owner.catchup_done(self, prefix, splice_id, reason, batch)
 
     async def _run(self, request: Callable[[CatchUp], Awaitable[None]]) -> None:
         """Drive the upstream request. Its end is not failure by itself: a catch-up that ended

@@ -5,9 +5,18 @@
   subscribers arriving at once open exactly one upstream.
 - Lifecycle: a topic whose last subscriber leaves lingers for the route's
   `linger_seconds`, then closes its upstream; a subscriber arriving during
-  the linger keeps it open. A topic whose upstream runner fails is closed
-  and its subscribers reconnect. Topics per route are capped.
-- Drain: streams end in jittered waves, so clients do not return at once.
+  the linger keeps it open. The linger timers are the hub's, not the topic's.
+  A shared topic's upstream runner never ends it (the topic restarts it); a
+  direct topic ends with its client's upstream. Topics per route are capped.
+- One client cannot fill a route (shared mode). Opening a topic opens an
+  upstream connection, so the hub remembers who opened each topic: opens
+  per client address are rate-limited (a token bucket), and the topics a
+  client opened that no other client has joined count against it, capped at
+  half the route's `max_topics`. Both answer 429; everyone else keeps the
+  other half. Direct routes are exempt: a direct topic is one client's own
+  stream, already bounded by the per-client stream limit.
+- Drain: streams end in jittered waves, so clients do not return at once; the
+  drain is done after the last wave or as soon as no subscriber is left.
 """
 
 from __future__ import annotations
@@ -15,27 +24,54 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 from collections.abc import Callable
 
-from ..errors import TopicLimit
+from ..config import LimitsConfig
+from ..errors import ClientLimit, RateLimited, TopicLimit
 from ..metrics import Metrics
-from ..timing import Clock
+from ..timing import Clock, Timer
 from .route import Target
 from .topic import Subscriber, Topic, Upstreams
 
 log = logging.getLogger(__name__)
 
+# How many seconds' worth of topic opens one client may make at once: a page
+# opening a dashboard's handful of topics, or reopening them on reload, passes.
+OPEN_BURST_SECONDS = 2.0
+# The per-client open-rate table is swept of idle clients when it reaches this
+# size (and then twice its live size), so the sweep costs O(1) per open.
+OPEN_TABLE_SWEEP_MIN = 1024
+
 
 class Hub:
     """All topics of one process."""
 
-    def __init__(self, upstreams: Upstreams, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        clock: Clock,
+        metrics: Metrics,
+        limits: LimitsConfig | None = None,
+    ) -> None:
         self.clock = clock
         self.metrics = metrics
         self.upstreams = upstreams
+        # Replaced on reload; None (no per-client open limits) until the app hands it over.
+        self.limits = limits
         self._topics: dict[str, Topic] = {}
         self._route_topics: dict[str, int] = {}
+        self._lingering: dict[Topic, Timer] = {}
+        # Shared topics whose opener no other client has joined yet -> that opener, and how
+        # many such topics each (client, route) holds. Both only hold open topics.
+        self._opened_by: dict[Topic, str] = {}
+        self._solo: dict[tuple[str, str], int] = {}
+        # Per client: when its open bucket is full again (GCRA's theoretical arrival time).
+        self._open_tat: dict[str, float] = {}
+        self._sweep_at = OPEN_TABLE_SWEEP_MIN
+        self._subscribers = 0
+        self._drains: list[asyncio.Event] = []
         self._stopping: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -47,26 +83,52 @@ class Hub:
         """True once `close()` began; new subscribers are refused from then on."""
         return self._closing
 
-    def admit(self, target: Target) -> None:
-        """Raise TopicLimit if subscribing to `target` would open a topic over its route's cap.
+    def admit(self, target: Target, *, client: str | None = None) -> None:
+        """Raise if subscribing `client` to `target` would open a topic it may not open.
 
-        Checked before a response starts, so a refusal is a clean 503; `subscribe` checks again.
+        TopicLimit (503): the route holds its maximum of topics. RateLimited (429): the client
+        opens topics too fast. ClientLimit (429): the client holds half the route's topics
+        that nobody else joined. Joining an open topic is never refused. Checked before a
+        response starts, so a refusal is a clean status; `subscribe` checks again.
         """
+        if target.topic_key in self._topics:
+            return
         route = target.route
-        if (
-            target.topic_key not in self._topics
-            and self._route_topics.get(route.name, 0) >= route.max_topics
-        ):
+        if self._route_topics.get(route.name, 0) >= route.max_topics:
             raise TopicLimit(
                 f"route {route.name!r} has its maximum of {route.max_topics} topics open",
                 headers={"Retry-After": "5"},
             )
+        if client is None or route.mode == "direct":
+            return
+        if self._solo.get((client, route.name), 0) >= math.ceil(route.max_topics / 2):
+            wait = max(1, math.ceil(route.linger_seconds))
+            raise ClientLimit(
+                f"this address holds its share of route {route.name!r}'s topics",
+                headers={"Retry-After": str(wait)},
+            )
+        wait_seconds = self._open_wait(client)
+        if wait_seconds > 0:
+            raise RateLimited(
+                "new topics are opened too fast from this address; retry shortly",
+                headers={"Retry-After": str(max(1, math.ceil(wait_seconds)))},
+            )
 
-    def subscribe(self, target: Target, sub: Subscriber, last_event_id: str | None = None) -> Topic:
-        """Add `sub` to the target's topic (opening it if new), resuming after `last_event_id`."""
+    def subscribe(
+        self,
+        target: Target,
+        sub: Subscriber,
+        last_event_id: str | None = None,
+        *,
+        client: str | None = None,
+    ) -> Topic:
+        """Add `sub` to the target's topic (opening it if new), resuming after `last_event_id`.
+
+        `client` (the client's address) is who opens or joins; None skips per-client limits.
+        """
         if self._closing:
             raise RuntimeError("hub is closing")
-        self.admit(target)
+        self.admit(target, client=client)
         topic = self._topics.get(target.topic_key)
         if topic is None:
             route = target.route
@@ -75,9 +137,22 @@ class Hub:
             self._topics[target.topic_key] = topic
             self._route_topics[route.name] = self._route_topics.get(route.name, 0) + 1
             rm.topics.inc()
-            topic._start()
+            if client is not None and route.mode != "direct":
+                self._take_open(client)
+                self._opened_by[topic] = client
+                solo = (client, route.name)
+                self._solo[solo] = self._solo.get(solo, 0) + 1
+            topic.start()
+        else:
+            linger = self._lingering.pop(topic, None)
+            if linger is not None:
+                linger.cancel()
+            opener = self._opened_by.get(topic)
+            if opener is not None and client is not None and client != opener:
+                self._unsolo(topic, opener)  # someone else wants it too: no longer one's own
         topic.metrics.subscribers.inc()
-        topic._add(sub, last_event_id)
+        topic.add(sub, last_event_id)
+        self._subscribers += 1
         return topic
 
     def unsubscribe(self, topic: Topic, sub: Subscriber) -> tuple[int, int]:
@@ -85,20 +160,25 @@ class Hub:
 
         Returns the (events, bytes) the topic handed `sub` live, for its access log line.
         """
-        handed = topic._remove(sub)
+        handed = topic.remove(sub)
         if handed is None:
             return (0, 0)
         topic.metrics.subscribers.dec()
+        self._subscribers -= 1
+        if not self._subscribers and self._drains:
+            for done in self._drains:
+                done.set()  # the drain's work is done before its window is
+            self._drains.clear()
         if topic.subscribers or self._topics.get(topic.key) is not topic:
             return handed
         route = topic.target.route
         # A direct topic is one client's own upstream request: nobody else can reuse it.
         linger = 0.0 if route.mode == "direct" else route.linger_seconds
-        topic._linger = self.clock.call_later(linger, lambda: self._expire(topic))
+        self._lingering[topic] = self.clock.call_later(linger, lambda: self._expire(topic))
         return handed
 
     def _expire(self, topic: Topic) -> None:
-        topic._linger = None
+        self._lingering.pop(topic, None)
         if not topic.subscribers and self._topics.get(topic.key) is topic:
             self._close_topic(topic, "normal")
 
@@ -110,11 +190,56 @@ class Hub:
             del self._topics[topic.key]
             self._route_topics[topic.target.route.name] -= 1
             topic.metrics.topics.dec()
+        linger = self._lingering.pop(topic, None)
+        if linger is not None:
+            linger.cancel()
+        opener = self._opened_by.get(topic)
+        if opener is not None:
+            self._unsolo(topic, opener)
         for sub in list(topic.subscribers):
             sub.close(outcome)
-        task = asyncio.create_task(topic._stop())
+        task = asyncio.create_task(topic.stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+
+    # --- per-client topic opens ---------------------------------------------------------
+
+    def _unsolo(self, topic: Topic, opener: str) -> None:
+        del self._opened_by[topic]
+        key = (opener, topic.target.route.name)
+        remaining = self._solo[key] - 1
+        if remaining:
+            self._solo[key] = remaining
+        else:
+            del self._solo[key]  # the map holds only clients with such topics open
+
+    def _open_rate(self) -> float:
+        return self.limits.topic_opens_per_client_per_second if self.limits else 0.0
+
+    def _open_wait(self, client: str) -> float:
+        """Seconds until `client` may open a topic (0: now). GCRA, a token bucket in one float."""
+        rate = self._open_rate()
+        if not rate:
+            return 0.0
+        now = self.clock.now()
+        tat = max(self._open_tat.get(client, now), now)
+        tolerance = (max(1.0, rate * OPEN_BURST_SECONDS) - 1.0) / rate
+        return max(0.0, tat - now - tolerance)
+
+    def _take_open(self, client: str) -> None:
+        rate = self._open_rate()
+        if not rate:
+            return
+        now = self.clock.now()
+        table = self._open_tat
+        table[client] = max(table.get(client, now), now) + 1.0 / rate
+        if len(table) >= self._sweep_at:
+            # A client whose bucket is full again needs no entry: it starts afresh.
+            for idle in [c for c, tat in table.items() if tat <= now]:
+                del table[idle]
+            self._sweep_at = max(OPEN_TABLE_SWEEP_MIN, 2 * len(table))
+
+    # --- reload and shutdown --------------------------------------------------------------
 
     def close_route_topics(self, keep: Callable[[Target], bool], outcome: str) -> int:
         """End every topic whose target `keep` rejects (a reload changed its route)."""
@@ -126,7 +251,8 @@ class Hub:
     def drain(self, window_seconds: float, waves: int = 20) -> asyncio.Event:
         """End every stream over `window_seconds`, in jittered waves of random subscribers.
 
-        Scheduled at once; the returned event is set after the last wave.
+        Scheduled at once; the returned event is set after the last wave, or as soon as no
+        subscriber is left (clients that left early end a drain early).
 
         So a rolling deploy does not send every client back in the same instant: each
         one's stream ends at a different moment (with its retry hint), and they return
@@ -137,6 +263,7 @@ class Hub:
         if not subs or window_seconds <= 0:
             done.set()
             return done
+        self._drains.append(done)
         random.shuffle(subs)
         slot = window_seconds / waves
         remaining = waves
@@ -148,6 +275,8 @@ class Hub:
             remaining -= 1
             if not remaining:
                 done.set()
+                if done in self._drains:
+                    self._drains.remove(done)
 
         for i in range(waves):
             self.clock.call_later(

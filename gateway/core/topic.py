@@ -22,13 +22,19 @@ Invariants (DESIGN.md, "The data path"):
 - Subscriber <-> topic is many-to-many: a subscriber records the topics it is
   in (`topics`), so one stream can later follow several.
 
-The hub (which owns topics) is reached only through the clock, the upstreams
-and the `on_failed` callback it hands a topic.
+- The upstream runner never takes a shared topic down: if it raises or
+  returns (a bug: it retries by itself until cancelled), it is restarted
+  after a backoff, counted and logged, and the subscribers stay connected.
+
+The hub (which owns topics) drives a topic through `start`, `add`, `remove`
+and `stop`, and is reached only through the clock, the upstreams and the
+`on_failed` callback it hands a topic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -37,7 +43,7 @@ from typing import Protocol
 
 from ..metrics import RouteMetrics
 from ..sse import EncodeError, Event, encode
-from ..timing import Clock, Timer
+from ..timing import Backoff, Clock
 from .catchup import CatchUp
 from .ring import Ring, RingLimits
 from .route import Target
@@ -104,13 +110,11 @@ class Topic:
     """One upstream subscription, its replay ring and the subscribers that share it."""
 
     __slots__ = (
-        "_batch",
         "_bytes_out",
         "_catchups",
         "_clock",
         "_events_out",
         "_groups",
-        "_linger",
         "_live_since",
         "_on_failed",
         "_pending",
@@ -156,10 +160,7 @@ class Topic:
         self._events_out = 0
         self._bytes_out: dict[Framing, int] = {}
         self._live_since: dict[Subscriber, tuple[int, int]] = {}
-        # The batch being published, while catch-ups look at it (see catchup_done).
-        self._batch: list[tuple[str | None, bytes]] = []
         self._upstream: asyncio.Task[None] | None = None
-        self._linger: Timer | None = None
         self.state = "connecting"
         metrics.upstream_states["connecting"].inc()
         self.last_publish = clock.now()
@@ -215,14 +216,10 @@ class Topic:
         if refused:
             metrics.dropped["slow"].inc(len(parts) * refused)
         if self._catchups:
-            self._batch = batch
-            try:
-                for event_id, _ in batch:
-                    for catchup in list(self._catchups.values()):
-                        if event_id and catchup.buffered(event_id):
-                            catchup.splice(event_id)
-            finally:
-                self._batch = []
+            for event_id, _ in batch:
+                for catchup in list(self._catchups.values()):
+                    if event_id and catchup.buffered(event_id):
+                        catchup.splice(event_id, batch)
 
     def set_state(self, state: str) -> None:
         if state != self.state:
@@ -301,6 +298,7 @@ class Topic:
         prefix: list[tuple[str | None, bytes]],
         splice_id: str | None,
         reason: str,
+        batch: Sequence[tuple[str | None, bytes]] = (),
     ) -> None:
         if self._catchups.get(catchup.last_event_id) is catchup:
             del self._catchups[catchup.last_event_id]
@@ -310,9 +308,9 @@ class Topic:
         if splice_id is not None:
             rest = self.ring.after_first(splice_id, now)
             if rest is None:  # a tiny ring already evicted it: take the rest of this batch
-                ids = [event_id for event_id, _ in self._batch]
+                ids = [event_id for event_id, _ in batch]
                 if splice_id in ids:
-                    rest = [data for _, data in self._batch[ids.index(splice_id) + 1 :]]
+                    rest = [data for _, data in batch[ids.index(splice_id) + 1 :]]
             if rest is None:
                 reason = "ring_evicted"
         ok = rest is not None and reason in ("spliced", "complete")
@@ -332,18 +330,16 @@ class Topic:
 
     # --- membership -------------------------------------------------------------
 
-    def _add(self, sub: Subscriber, last_event_id: str | None) -> None:
+    def add(self, sub: Subscriber, last_event_id: str | None) -> None:
+        """Join `sub`, after replaying what it missed since `last_event_id` (if any)."""
         self.subscribers[sub] = None
         sub.topics.append(self)
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
         if last_event_id:
             self._resume(sub, last_event_id)
         else:
             self._join_live(sub)
 
-    def _remove(self, sub: Subscriber) -> tuple[int, int] | None:
+    def remove(self, sub: Subscriber) -> tuple[int, int] | None:
         """Remove `sub`; None if it was not here, else the (events, bytes) it was handed live."""
         if sub not in self.subscribers:
             return None
@@ -364,29 +360,54 @@ class Topic:
             sub.topics.remove(self)
         return handed
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Open the upstream: a task that runs until `stop()`."""
         self._upstream = asyncio.create_task(self._run_upstream(), name=f"upstream {self.key}")
 
     async def _run_upstream(self) -> None:
-        try:
-            await self._upstreams.stream(self.target, self)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("upstream runner for %s crashed", self.key)
-        else:
-            if self.target.route.mode == "direct":
-                self._on_failed(self, "normal")  # its upstream ended: so does the client's stream
-                return
-            log.error("upstream runner for %s returned", self.key)
-        # A shared runner retries by itself until cancelled; reaching here is a bug. Contain
-        # it to this topic: end its subscribers so they reconnect and the topic starts afresh.
-        self._on_failed(self, "error")
+        route = self.target.route
+        backoff = Backoff(route.reconnect_initial_seconds, route.reconnect_max_seconds)
+        while True:
+            started = self._clock.now()
+            try:
+                await self._upstreams.stream(self._resume_target(), self)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if route.mode == "direct":
+                    # One client's own request: its stream ends and the client resumes with
+                    # its own Last-Event-ID, which a restart here could not honour.
+                    log.exception("direct upstream runner for %s crashed", self.key)
+                    self._on_failed(self, "error")
+                    return
+                log.exception("upstream runner for %s crashed; restarting it", self.key)
+            else:
+                if route.mode == "direct":
+                    self._on_failed(self, "normal")  # its upstream ended: so does the client's
+                    return
+                log.error("upstream runner for %s returned; restarting it", self.key)
+            # A shared runner retries by itself until cancelled; reaching here is a bug. Contain
+            # it without cutting anyone: the subscribers stay, the runner comes back.
+            self.metrics.upstream_runner_restarts.inc()
+            self.set_state("backoff")
+            if self._clock.now() - started >= route.reconnect_max_seconds:
+                backoff.reset()  # it had been running fine: not a crash loop
+            await self._clock.sleep(backoff.next_delay())
 
-    async def _stop(self) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
+    def _resume_target(self) -> Target:
+        """The target a (re)started runner opens: after the ring's newest id, if it has one.
+
+        The id came from the upstream itself (never from a client), so a restarted runner
+        resumes where the crashed one stopped instead of silently skipping what was sent
+        in between. The first start has an empty ring and opens live.
+        """
+        newest = self.ring.newest_id
+        if newest is None or self.target.route.mode == "direct":
+            return self.target
+        return dataclasses.replace(self.target, client_headers=(("Last-Event-ID", newest),))
+
+    async def stop(self) -> None:
+        """Close the upstream and every catch-up; the subscribers are the owner's to end."""
         tasks = [c.task for c in self._catchups.values() if c.task is not None]
         for catchup in list(self._catchups.values()):
             catchup.cancel()  # ended with the topic: no splice, no gap
