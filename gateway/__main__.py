@@ -10,9 +10,8 @@ import uvloop
 
 from .config import load, parse_args
 from .errors import ConfigError
-from .process.server import raise_fd_limit, serve
-from .process.supervisor import die_with_supervisor, supervise, worker_index
-from .tls import TLSError
+from .process.server import StartupError, raise_fd_limit, serve
+from .process.supervisor import EXIT_STARTUP, die_with_supervisor, supervise, worker_index
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,10 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args)
     except ConfigError as exc:
-        print("sse-gateway: invalid configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+        if len(exc.problems) == 1:
+            print(f"sse-gateway: invalid configuration: {exc.problems[0]}", file=sys.stderr)
+        else:
+            print("sse-gateway: invalid configuration:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+        return EXIT_STARTUP
     if args.check:
         print(config)
         return 0
@@ -41,9 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return uvloop.run(supervise(config, sys.argv[1:] if argv is None else list(argv)))
     try:
         uvloop.run(serve(config, load_config=lambda: load(args)))
-    except TLSError as exc:  # a certificate or key that cannot be used: a configuration error
-        print(f"sse-gateway: invalid TLS configuration: {exc}", file=sys.stderr)
-        return 2
+    except StartupError as exc:  # a port in use, a certificate that cannot be loaded...
+        print(f"sse-gateway: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
     return 0
 
 
