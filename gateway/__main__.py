@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import uvloop
 
 from .config import load, parse_args
+from .config.dump import dump
 from .errors import ConfigError
 from .process.server import StartupError, raise_fd_limit, serve
 from .process.supervisor import EXIT_STARTUP, die_with_supervisor, supervise, worker_index
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  {problem}", file=sys.stderr)
         return EXIT_STARTUP
     if args.check:
-        print(config)
+        print(dump(config), end="")
         return 0
     index = worker_index()
     logging.basicConfig(

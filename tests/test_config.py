@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, from_document, load, parse_args
+from gateway.config import (
+    ConfigError,
+    DemoConfig,
+    GatewayConfig,
+    LimitsConfig,
+    MetricsConfig,
+    RouteConfig,
+    ServerConfig,
+    UpstreamHeader,
+    from_document,
+    load,
+    parse_args,
+)
+from gateway.config.auth import AuthConfig, ForwardAuthConfig, JwtConfig
+from gateway.config.dump import MASK, URL_MASK, dump
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -259,3 +276,119 @@ def test_unparseable_toml_exits_non_zero(tmp_path: Path) -> None:
     result = run_gateway("--config", str(file))
     assert result.returncode == 2
     assert "invalid TOML" in result.stderr
+
+
+# --- --check: the effective configuration as TOML ---------------------------------------
+
+
+def round_trip(config: GatewayConfig) -> tuple[str, GatewayConfig]:
+    text = dump(config)
+    return text, from_document(tomllib.loads(text), {})
+
+
+@pytest.mark.parametrize("name", ["gateway.toml", "multi-route.toml", None])
+def test_dump_loads_back_into_the_same_configuration(name: str | None) -> None:
+    args = [] if name is None else ["--config", str(ROOT / "config" / name)]
+    config = load(parse_args(args), {})
+    text, again = round_trip(config)
+    assert again == config, text
+
+
+def test_dump_of_every_example_loads_back_without_its_secrets() -> None:
+    secrets = {"BACKEND_TOKEN": "t0ken-from-env", "JWT_KEY": "hm4c-secret"}
+    for file in sorted((ROOT / "config").glob("*.toml")):
+        text, _ = round_trip(load(parse_args(["--config", str(file)]), secrets))
+        assert not any(secret in text for secret in secrets.values()), file
+
+
+def test_dump_round_trips_awkward_values_and_masks_every_secret() -> None:
+    doc = {
+        "server": {"trusted_proxies": ["10.0.0.0/8", "::1"], "listen": "[::1]:8443"},
+        "metrics": {"listen": ""},
+        "routes": [
+            route(
+                name="odd",
+                params={"topic": r"[a-z]\d+\"é"},
+                query=["q"],
+                cors_origins=["https://app.example"],
+                cors_credentials=True,
+                upstream_headers={
+                    "X-Static": 'quote " backslash \\ tab \t é',
+                    "X-Api-Key": "k3y-literal",
+                    "Authorization": {"env": "TOKEN", "prefix": "Bearer "},
+                },
+            ),
+            route(
+                name="jwt",
+                path="/j/{topic}",
+                auth={
+                    "type": "jwt",
+                    "key": {"env": "JWT_KEY"},
+                    "jwks_url": "https://user:pa55word@id.example/jwks",
+                },
+            ),
+            route(
+                name="fwd",
+                path="/f/{topic}",
+                auth={
+                    "type": "forward",
+                    "url": "http://auth.internal/check",
+                    "allow_plain_http": True,
+                    "fail_open": True,
+                },
+            ),
+        ],
+    }
+    config = from_document(doc, {"TOKEN": "t0ken-from-env", "JWT_KEY": "hm4c-secret"})
+    text, again = round_trip(config)
+    for secret in ("t0ken-from-env", "hm4c-secret", "pa55word", "k3y-literal"):
+        assert secret not in text
+    assert text.count(MASK) == 3
+    assert f"user:{URL_MASK}@id.example" in text
+    # Everything but the masked values comes back as it was.
+    odd, jwt, fwd = again.routes
+    assert odd.upstream_headers[0] == config.routes[0].upstream_headers[0]
+    assert odd.params == config.routes[0].params
+    assert dataclasses.replace(odd, upstream_headers=()) == dataclasses.replace(
+        config.routes[0], upstream_headers=()
+    )
+    assert jwt.auth.jwt is not None
+    assert config.routes[1].auth.jwt is not None
+    assert jwt.auth.jwt.key == MASK
+    assert dataclasses.replace(jwt.auth.jwt, key=None, jwks_url=None) == dataclasses.replace(
+        config.routes[1].auth.jwt, key=None, jwks_url=None
+    )
+    assert fwd == config.routes[2]
+    assert (again.server, again.limits, again.metrics) == (
+        config.server,
+        config.limits,
+        config.metrics,
+    )
+
+
+CONFIG_CLASSES = (ServerConfig, LimitsConfig, MetricsConfig, DemoConfig, RouteConfig)
+SECRET_NAME = re.compile(r"key|secret|password|token|credential", re.IGNORECASE)
+
+
+def test_every_field_that_may_hold_a_secret_is_kept_out_of_repr_and_dump() -> None:
+    # The dump masks fields marked repr=False; a new secret field must be marked too.
+    classes = [*CONFIG_CLASSES, UpstreamHeader, AuthConfig, JwtConfig, ForwardAuthConfig]
+    unmarked = [
+        f"{cls.__name__}.{f.name}"
+        for cls in classes
+        for f in dataclasses.fields(cls)
+        # A path to a secret or a flag is not one.
+        if SECRET_NAME.search(f.name) and not f.name.endswith("_file") and f.type != "bool"
+        if f.repr
+    ]
+    assert unmarked == []
+
+
+@pytest.mark.process
+def test_check_prints_toml_that_loads_back(tmp_path: Path) -> None:
+    result = run_gateway("--check", "--config", str(ROOT / "config" / "multi-route.toml"))
+    assert result.returncode == 0, result.stderr
+    file = tmp_path / "copied.toml"
+    file.write_text(result.stdout)
+    expected = load(parse_args(["--config", str(ROOT / "config" / "multi-route.toml")]), {})
+    assert load(parse_args(["--config", str(file)]), {}) == expected
