@@ -15,18 +15,21 @@ from .process.server import StartupError, raise_fd_limit, serve
 from .process.supervisor import EXIT_STARTUP, die_with_supervisor, supervise, worker_index
 
 
+def _fail(message: str) -> int:
+    # One write: stderr is write-through, and print() writes the text and the newline
+    # apart, so the lines of workers failing at once would interleave.
+    sys.stderr.write(f"sse-gateway: {message}\n")
+    return EXIT_STARTUP
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load(args)
     except ConfigError as exc:
         if len(exc.problems) == 1:
-            print(f"sse-gateway: invalid configuration: {exc.problems[0]}", file=sys.stderr)
-        else:
-            print("sse-gateway: invalid configuration:", file=sys.stderr)
-            for problem in exc.problems:
-                print(f"  {problem}", file=sys.stderr)
-        return EXIT_STARTUP
+            return _fail(f"invalid configuration: {exc.problems[0]}")
+        return _fail("invalid configuration:" + "".join(f"\n  {p}" for p in exc.problems))
     if args.check:
         print(dump(config), end="")
         return 0
@@ -45,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         uvloop.run(serve(config, load_config=lambda: load(args)))
     except StartupError as exc:  # a port in use, a certificate that cannot be loaded...
-        print(f"sse-gateway: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
+        return _fail(str(exc))
     return 0
 
 

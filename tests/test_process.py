@@ -179,9 +179,8 @@ async def test_workers_that_cannot_bind_stop_the_supervisor_with_exit_2(upstream
             quick_start(port, upstream), {"SSE_GATEWAY_SERVER_WORKERS": "2"}, timeout=30
         )
     assert code == 2
-    assert (
-        f"sse-gateway: cannot listen on 127.0.0.1:{port} (public): address already in use" in lines
-    )
+    failure = f"sse-gateway: cannot listen on 127.0.0.1:{port} (public): address already in use"
+    assert failure in lines, lines
     assert not any("restarting in" in line for line in lines), lines
     assert not any("Traceback" in line for line in lines), lines
 
