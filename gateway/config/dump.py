@@ -16,12 +16,12 @@ import dataclasses
 import ipaddress
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import GatewayConfig, Listen
-from .routes import RouteConfig
+from .routes import ROUTE_OPTIONS, RouteConfig
 
 __all__ = ["MASK", "URL_MASK", "dump"]
 
@@ -30,12 +30,13 @@ MASK = "*** masked ***"
 # In a URL's userinfo: no spaces, so the URL still validates when loaded back.
 URL_MASK = "***"
 # Written, the listener counts as set: a port in use is then an error, not a fallback.
-_DEFAULT_METRICS_NOTE = "  # not set: if taken at start-up, metrics are served on the main port"
+_DEFAULT_METRICS_NOTE = "not set: if taken at start-up, metrics are served on the main port"
 # Header names that carry credentials even when written literally in the file.
 _CREDENTIAL_HEADER = re.compile(r"authorization|cookie|token|secret|key|password|session", re.I)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
 _SHORT_ESCAPES["\r"] = "\\r"
+_ROUTE_DOCS = {f.name: f.metadata["doc"] for f in ROUTE_OPTIONS if f.metadata["doc"]}
 # Route fields written as their own sub-tables rather than as keys of [[routes]].
 _ROUTE_TABLES = ("params", "upstream_headers", "auth")
 
@@ -43,12 +44,12 @@ _ROUTE_TABLES = ("params", "upstream_headers", "auth")
 def dump(config: GatewayConfig) -> str:
     lines = ["# sse-gateway: the effective configuration (secrets masked)"]
     for section in ("server", "limits", "metrics", "demo"):
-        keys = _keys(_settings(getattr(config, section)))
-        if section == "metrics" and config.metrics.listen_is_default:
-            keys = [k + _DEFAULT_METRICS_NOTE if k.startswith("listen =") else k for k in keys]
-        lines += ["", f"[{section}]", *keys]
+        notes = {"listen": _DEFAULT_METRICS_NOTE} if section == "metrics" else {}
+        if not config.metrics.listen_is_default:
+            notes = {}
+        lines += ["", f"[{section}]", *_keys(_settings(getattr(config, section)), notes)]
     for route in config.routes:
-        lines += ["", "[[routes]]", *_keys(_settings(route, skip=_ROUTE_TABLES))]
+        lines += ["", "[[routes]]", *_keys(_settings(route, skip=_ROUTE_TABLES), _ROUTE_DOCS)]
         headers = {h.name: MASK if h.secret or _credential(h.name) else h.value
                    for h in route.upstream_headers}  # fmt: skip
         auth = _auth(route) if route.auth.type != "none" else {}
@@ -102,8 +103,12 @@ def _credential(header: str) -> bool:
     return _CREDENTIAL_HEADER.search(header) is not None
 
 
-def _keys(table: dict[str, Any]) -> list[str]:
-    return [f"{_key(name)} = {_value(value)}" for name, value in table.items()]
+def _keys(table: dict[str, Any], notes: Mapping[str, str] | None = None) -> list[str]:
+    notes = notes or {}
+    return [
+        f"{_key(name)} = {_value(value)}" + (f"  # {notes[name]}" if name in notes else "")
+        for name, value in table.items()
+    ]
 
 
 def _key(name: str) -> str:
