@@ -9,10 +9,17 @@ from collections.abc import Sequence
 import uvloop
 
 from .config import load, parse_args
+from .config.dump import dump
 from .errors import ConfigError
-from .process.server import raise_fd_limit, serve
-from .process.supervisor import die_with_supervisor, supervise, worker_index
-from .tls import TLSError
+from .process.server import StartupError, raise_fd_limit, serve
+from .process.supervisor import EXIT_STARTUP, die_with_supervisor, supervise, worker_index
+
+
+def _fail(message: str) -> int:
+    # One write: stderr is write-through, and print() writes the text and the newline
+    # apart, so the lines of workers failing at once would interleave.
+    sys.stderr.write(f"sse-gateway: {message}\n")
+    return EXIT_STARTUP
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,12 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args)
     except ConfigError as exc:
-        print("sse-gateway: invalid configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+        if len(exc.problems) == 1:
+            return _fail(f"invalid configuration: {exc.problems[0]}")
+        return _fail("invalid configuration:" + "".join(f"\n  {p}" for p in exc.problems))
     if args.check:
-        print(config)
+        print(dump(config), end="")
         return 0
     index = worker_index()
     logging.basicConfig(
@@ -41,9 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return uvloop.run(supervise(config, sys.argv[1:] if argv is None else list(argv)))
     try:
         uvloop.run(serve(config, load_config=lambda: load(args)))
-    except TLSError as exc:  # a certificate or key that cannot be used: a configuration error
-        print(f"sse-gateway: invalid TLS configuration: {exc}", file=sys.stderr)
-        return 2
+    except StartupError as exc:  # a port in use, a certificate that cannot be loaded...
+        return _fail(str(exc))
     return 0
 
 

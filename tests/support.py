@@ -9,7 +9,7 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -433,15 +433,25 @@ class ScriptedUpstreams:
         await self.changes.until(lambda: len(self.cancelled) >= count)
 
 
-@asynccontextmanager
-async def gateway_process(
-    args: Sequence[str], extra_env: dict[str, str] | None = None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, ProcessLog]]:
-    """`python -m gateway` as a child, ready once it logs that it listens; killed if left over."""
+def gateway_env(extra_env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """The environment of a `python -m gateway` child: ours without SSE_GATEWAY_*, plus test
+    settings; a None value in `extra_env` removes the setting (e.g. to keep a default)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_GATEWAY_")}
     env["SSE_GATEWAY_SERVER_DRAIN_SECONDS"] = "0.2"  # tests that time the drain set their own
     env["SSE_GATEWAY_METRICS_LISTEN"] = ""  # on the main port unless a test wants the listener
-    env.update(extra_env or {})
+    for name, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+@asynccontextmanager
+async def gateway_process(
+    args: Sequence[str], extra_env: Mapping[str, str | None] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, ProcessLog]]:
+    """`python -m gateway` as a child, ready once it logs that it listens; killed if left over."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -449,7 +459,7 @@ async def gateway_process(
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env=env,
+        env=gateway_env(extra_env),
     )
     assert proc.stdout is not None
     log = ProcessLog(proc.stdout)
@@ -461,3 +471,28 @@ async def gateway_process(
             proc.kill()
             await proc.wait()
         await log.task
+
+
+async def gateway_exit(
+    args: Sequence[str], extra_env: Mapping[str, str | None] | None = None, timeout: float = 20
+) -> tuple[int, list[str]]:
+    """`python -m gateway` expected to stop by itself: its exit status and its stderr lines."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=gateway_env(extra_env),
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode(errors="replace").splitlines()

@@ -20,7 +20,7 @@ import argparse
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -102,6 +102,10 @@ class MetricsConfig:
     # A separate internal listener, or None to serve `path` on the main port.
     listen: Listen | None
     path: str
+    # True when no source set `listen`: then a port already taken (a second gateway on the
+    # host) moves metrics to the main port instead of failing. Where the value came from,
+    # not a setting, so it does not take part in equality.
+    listen_is_default: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +182,8 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
         ),
         trusted_proxies=networks(server, "trusted_proxies"),
     )
-    if bool(server_config.tls_cert_file) != bool(server_config.tls_key_file):
+    # On the given values: a file that is set but unreadable is one problem, reported above.
+    if bool(server.data.get("tls_cert_file")) != bool(server.data.get("tls_key_file")):
         server.problem("tls_key_file", "goes with tls_cert_file: set both to serve HTTPS")
     server.finish()
 
@@ -208,6 +213,7 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
         path=metrics.get(
             "path", str, "/metrics", lambda v: None if v.startswith("/") else "must start with /"
         ),
+        listen_is_default="listen" not in metrics.data,
     )
     metrics.finish()
 
@@ -325,6 +331,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         help="allowed origin (repeatable; * for any, without credentials)",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help='metrics listener ("" = on the main port); set, a port in use is an error',
+    )
     parser.add_argument("--log-level", choices=_LOG_LEVELS)
     parser.add_argument(
         "--check", action="store_true", help="validate the configuration, print it and exit"
@@ -376,6 +387,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         for route in doc.get("routes", []):
             if isinstance(route, dict):
                 route.pop("cors_origins", None)
+    if args.metrics_listen is not None:
+        doc.setdefault("metrics", {})["listen"] = args.metrics_listen
     if args.log_level is not None:
         doc.setdefault("server", {})["log_level"] = args.log_level
     try:

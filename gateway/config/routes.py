@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,7 +57,21 @@ class UpstreamHeader:
     secret: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+def option(default: Any, check: Callable[[Any], str | None] | None = None, *, doc: str = "") -> Any:
+    """A route option: settable under [defaults] and per route, read by walking the fields.
+
+    The default, its check and a one-line doc live here only; `read_defaults` derives the
+    reader, and tests hold config/gateway.toml to these defaults. A tuple default is a list
+    of strings; `check=readable` marks a file path, where "" (and None) mean "not set".
+    """
+    return field(default=default, metadata={"option": True, "check": check, "doc": doc})
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda v: None if v in choices else " or ".join(choices)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     name: str
     path: str
@@ -65,76 +79,56 @@ class RouteConfig:
     params: tuple[tuple[str, str], ...]
     query: tuple[str, ...]
     upstream_headers: tuple[UpstreamHeader, ...]
-    heartbeat_seconds: float
-    retry_ms: int
-    retry_max_ms: int
-    linger_seconds: float
-    max_unsent_bytes: int
-    max_line_bytes: int
-    max_event_bytes: int
-    upstream_connect_timeout_seconds: float
-    upstream_idle_timeout_seconds: float
-    reconnect_initial_seconds: float
-    reconnect_max_seconds: float
-    max_topics: int
-    max_subscribers: int
-    write_timeout_seconds: float
-    ring_events: int
-    ring_bytes: int
-    ring_seconds: float
-    upstream_resume: bool
-    max_catchups: int
-    catchup_timeout_seconds: float
-    catchup_max_bytes: int
-    cors_origins: tuple[str, ...]
-    cors_credentials: bool
-    cors_expose_headers: tuple[str, ...]
-    cors_max_age_seconds: int
+    heartbeat_seconds: float = option(15.0, non_negative, doc="comment to idle subscribers")
+    retry_ms: int = option(2000, non_negative, doc="`retry:` sent at connect, lowest")
+    retry_max_ms: int = option(5000, non_negative, doc="`retry:` sent at connect, highest")
+    linger_seconds: float = option(5.0, non_negative, doc="upstream kept after the last leaves")
+    max_unsent_bytes: int = option(256 * 1024, positive, doc="backlog that cuts a subscriber")
+    max_line_bytes: int = option(64 * 1024, positive, doc="longest upstream line")
+    max_event_bytes: int = option(1024 * 1024, positive, doc="largest upstream event")
+    upstream_connect_timeout_seconds: float = option(10.0, positive)
+    upstream_idle_timeout_seconds: float = option(120.0, non_negative, doc="stalled upstream")
+    reconnect_initial_seconds: float = option(0.5, positive, doc="first reconnect wait")
+    reconnect_max_seconds: float = option(30.0, positive, doc="longest reconnect wait")
+    max_topics: int = option(1000, positive, doc="topics (upstreams) per route")
+    max_subscribers: int = option(0, non_negative, doc="subscribers per route; 0 = no cap")
+    write_timeout_seconds: float = option(30.0, positive, doc="backlog not draining this long")
+    ring_events: int = option(1000, positive, doc="replay ring per topic: events")
+    ring_bytes: int = option(1024 * 1024, positive, doc="replay ring per topic: bytes")
+    ring_seconds: float = option(300.0, positive, doc="replay ring per topic: age")
+    upstream_resume: bool = option(True, doc="the upstream honours Last-Event-ID")
+    max_catchups: int = option(4, non_negative, doc="concurrent catch-ups per topic")
+    catchup_timeout_seconds: float = option(10.0, positive, doc="catch-up deadline")
+    catchup_max_bytes: int = option(1024 * 1024, positive, doc="catch-up buffer")
+    cors_origins: tuple[str, ...] = option((), doc="allowed Origins")
+    cors_credentials: bool = option(False, doc="Access-Control-Allow-Credentials")
+    cors_expose_headers: tuple[str, ...] = option((), doc="Access-Control-Expose-Headers")
+    cors_max_age_seconds: int = option(600, non_negative, doc="preflight cache")
     # shared: one upstream per topic for everyone; direct: one upstream request per client,
     # carrying that client's `forward_headers` (per-user streams).
-    mode: str
-    forward_headers: tuple[str, ...]
-    upstream_ca_file: str | None
-    upstream_client_cert_file: str | None
-    upstream_client_key_file: str | None
+    mode: str = option("shared", _one_of("shared", "direct"), doc="shared or direct")
+    forward_headers: tuple[str, ...] = option(("Cookie", "Authorization"), doc="direct mode")
+    upstream_ca_file: str | None = option(None, readable, doc="CA bundle for https upstreams")
+    upstream_client_cert_file: str | None = option(None, readable, doc="mTLS certificate")
+    upstream_client_key_file: str | None = option(None, readable, doc="mTLS key")
     auth: AuthConfig = NO_AUTH
 
 
-# Route options: settable under [defaults] and per route. Each default's "why"
-# is in the README's table of defaults, which must be kept in step with this.
-_ROUTE_OPTIONS: tuple[tuple[str, type, Any, Callable[[Any], str | None] | None], ...] = (
-    ("heartbeat_seconds", float, 15.0, non_negative),
-    ("retry_ms", int, 2000, non_negative),
-    ("retry_max_ms", int, 5000, non_negative),
-    ("linger_seconds", float, 5.0, non_negative),
-    ("max_unsent_bytes", int, 256 * 1024, positive),
-    ("max_line_bytes", int, 64 * 1024, positive),
-    ("max_event_bytes", int, 1024 * 1024, positive),
-    ("upstream_connect_timeout_seconds", float, 10.0, positive),
-    ("upstream_idle_timeout_seconds", float, 120.0, non_negative),
-    ("reconnect_initial_seconds", float, 0.5, positive),
-    ("reconnect_max_seconds", float, 30.0, positive),
-    ("max_topics", int, 1000, positive),
-    ("max_subscribers", int, 0, non_negative),
-    ("write_timeout_seconds", float, 30.0, positive),
-    ("ring_events", int, 1000, positive),
-    ("ring_bytes", int, 1024 * 1024, positive),
-    ("ring_seconds", float, 300.0, positive),
-    ("upstream_resume", bool, True, None),
-    ("max_catchups", int, 4, non_negative),
-    ("catchup_timeout_seconds", float, 10.0, positive),
-    ("catchup_max_bytes", int, 1024 * 1024, positive),
-    ("cors_credentials", bool, False, None),
-    ("cors_max_age_seconds", int, 600, non_negative),
-    ("mode", str, "shared", lambda v: None if v in ("shared", "direct") else "shared or direct"),
-)
+# Route options in declaration order: what [defaults] and a [[routes]] table may set besides
+# name, path, upstream, params, query, upstream_headers and auth.
+ROUTE_OPTIONS = tuple(f for f in fields(RouteConfig) if f.metadata.get("option"))
 
 
 def _read_route_options(table: Table, base: Mapping[str, Any]) -> dict[str, Any]:
-    options = {
-        name: table.get(name, kind, base[name], check) for name, kind, _, check in _ROUTE_OPTIONS
-    }
-    options["cors_origins"] = table.strings("cors_origins", base["cors_origins"])
+    options: dict[str, Any] = {}
+    for f in ROUTE_OPTIONS:
+        check = f.metadata["check"]
+        if isinstance(f.default, tuple):
+            options[f.name] = table.strings(f.name, base[f.name])
+        elif check is readable:
+            options[f.name] = table.get(f.name, str, base[f.name] or "", readable) or None
+        else:
+            options[f.name] = table.get(f.name, type(f.default), base[f.name], check)
     for origin in options["cors_origins"]:
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             table.problem(
@@ -142,18 +136,12 @@ def _read_route_options(table: Table, base: Mapping[str, Any]) -> dict[str, Any]
                 f"{origin!r} is not an origin like https://app.example.com, "
                 "https://*.example.com or *",
             )
-    options["cors_expose_headers"] = table.strings(
-        "cors_expose_headers", base["cors_expose_headers"]
-    )
-    options["forward_headers"] = table.strings("forward_headers", base["forward_headers"])
     for name in ("cors_expose_headers", "forward_headers"):
         for header in options[name]:
             if not _HEADER_NAME.fullmatch(header):
                 table.problem(name, f"{header!r} is not a header name")
             elif name == "forward_headers" and header.lower() in _NOT_FORWARDED:
                 table.problem(name, f"{header!r} is not forwarded: the gateway owns it")
-    for name in ("upstream_ca_file", "upstream_client_cert_file", "upstream_client_key_file"):
-        options[name] = table.get(name, str, base[name] or "", readable) or None
     if options["cors_credentials"] and "*" in options["cors_origins"]:
         # Browsers refuse credentials with "*", and echoing every origin with credentials
         # would let any site read the stream as the user: name the origins.
@@ -165,14 +153,7 @@ def _read_route_options(table: Table, base: Mapping[str, Any]) -> dict[str, Any]
 
 def read_defaults(table: Table) -> dict[str, Any]:
     """The `[defaults]` table: route options every route starts from."""
-    base = {name: default for name, _, default, _ in _ROUTE_OPTIONS} | {
-        "cors_origins": (),
-        "cors_expose_headers": (),
-        "forward_headers": ("Cookie", "Authorization"),
-        "upstream_ca_file": None,
-        "upstream_client_cert_file": None,
-        "upstream_client_key_file": None,
-    }
+    base = {f.name: f.default for f in ROUTE_OPTIONS}
     defaults = _read_route_options(table, base)
     table.finish()
     return defaults

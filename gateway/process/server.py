@@ -10,25 +10,36 @@ signal exits at once, as uvicorn does.
 
 SIGHUP reloads the configuration from the same sources; an invalid one is
 logged and the running configuration keeps serving.
+
+Start-up fails as one `StartupError` naming the listener (a port in use, a
+certificate that cannot be loaded), after every listener already started is
+closed again, so `__main__` prints one line and exits 2. The metrics listener
+left at its default that cannot bind (a second gateway on the host holds the
+port) is not a failure: metrics are served on the main port instead, and the
+log says where.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import logging
 import os
 import resource
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 
 from aiohttp import web
 
-from ..app import METRICS, drain, make_app, make_metrics_app, make_runner, reload
+from ..app import drain, make_app, make_metrics_app, make_runner, reload
 from ..config import GatewayConfig, Listen
 from ..demo import make_demo_app
 from ..errors import ConfigError
-from ..tls import server_context
+from ..metrics import Metrics
+from ..tls import TLSError, server_context
 from .supervisor import worker_index
 
 log = logging.getLogger(__name__)
@@ -36,6 +47,19 @@ log = logging.getLogger(__name__)
 # Kernel cap on the accept queue is net.core.somaxconn (4096 on current
 # kernels); ask for that so a reconnect wave after a deploy is queued, not refused.
 ACCEPT_BACKLOG = 4096
+
+
+class StartupError(Exception):
+    """The process cannot start serving; the message is one line for an operator."""
+
+
+def _bind_problem(exc: OSError) -> str:
+    """ "address already in use" rather than asyncio's "[Errno 98] error while attempting..."."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host: {exc.strerror}"
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
+    return str(exc)
 
 
 def raise_fd_limit() -> int:
@@ -52,12 +76,20 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class _BindError(Exception):
+    def __init__(self, listen: Listen, name: str, exc: OSError) -> None:
+        super().__init__(f"cannot listen on {listen} ({name}): {_bind_problem(exc)}")
+        self.errno = exc.errno
+
+
 async def _start(
     runner: web.AppRunner,
     listen: Listen,
+    name: str,
     ssl_context: ssl.SSLContext | None = None,
     reuse_port: bool = False,
 ) -> web.AppRunner:
+    """Set up and bind `runner`; on a bind failure it is cleaned up and _BindError raised."""
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -69,8 +101,41 @@ async def _start(
         reuse_port=reuse_port or None,
         ssl_context=ssl_context,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        # Setup ran the app's startup hooks (its upstream client session): undo them.
+        await runner.cleanup()
+        raise _BindError(listen, name, exc) from None
     return runner
+
+
+async def _start_metrics(
+    config: GatewayConfig, metrics: Metrics, reuse_port: bool
+) -> tuple[GatewayConfig, web.AppRunner | None]:
+    """Start the metrics listener, or fall back to the main port when its default is taken.
+
+    Decided before the main app is built: `make_app` mounts the metrics path on the
+    main app only when `metrics.listen` is None.
+    """
+    listen = config.metrics.listen
+    if not config.metrics.enabled or listen is None:
+        return config, None
+    runner = web.AppRunner(make_metrics_app(metrics, config.metrics.path), access_log=None)
+    try:
+        return config, await _start(runner, listen, "metrics", None, reuse_port)
+    except _BindError as exc:
+        if not config.metrics.listen_is_default or exc.errno != errno.EADDRINUSE:
+            raise
+    log.warning(
+        "metrics: %s is in use (another gateway on this host?); serving %s on the main port "
+        "instead (set [metrics] listen or --metrics-listen to choose)",
+        listen,
+        config.metrics.path,
+    )
+    return dataclasses.replace(
+        config, metrics=dataclasses.replace(config.metrics, listen=None)
+    ), None
 
 
 async def serve(
@@ -110,36 +175,54 @@ async def serve(
                 "\n  ".join(exc.problems),
             )
             return
+        if new.metrics == requested:  # unchanged: the listener chosen at start-up stays
+            new = dataclasses.replace(new, metrics=config.metrics)
         reload(app, new)
 
     timeout = config.server.shutdown_timeout_seconds
-    # Before anything listens: an unusable certificate or key stops startup here.
-    tls = server_context(config.server)
-    scheme = "http" if tls is None else "https"
+    scheme = "http" if config.server.tls_cert_file is None else "https"
     shared_port = config.server.workers > 1
-    # With workers, one demo backend (in worker 0) serves them all.
-    demo_here = config.demo.enabled and worker_index() in (None, 0)
-    demo_runner = None
-    if demo_here:
-        demo_app = make_demo_app(interval_seconds=config.demo.interval_seconds)
-        demo = web.AppRunner(
-            demo_app, handler_cancellation=True, shutdown_timeout=timeout, access_log=None
-        )
-        demo_runner = await _start(demo, config.demo.listen)
-        log.info("demo backend on http://%s", config.demo.listen)
-    app = make_app(config)
-    runner = await _start(make_runner(app), config.server.listen, tls, shared_port)
+    runners: list[web.AppRunner] = []  # started so far, to close on a failed start
+    try:
+        # Before anything listens: an unusable certificate or key stops startup here.
+        try:
+            tls = server_context(config.server)
+        except TLSError as exc:
+            raise StartupError(f"invalid TLS configuration: {exc}") from None
+        metrics = Metrics()
+        requested = config.metrics
+        config, metrics_runner = await _start_metrics(config, metrics, shared_port)
+        if metrics_runner is not None:
+            runners.append(metrics_runner)
+        # With workers, one demo backend (in worker 0) serves them all.
+        if config.demo.enabled and worker_index() in (None, 0):
+            demo_app = make_demo_app(interval_seconds=config.demo.interval_seconds)
+            demo = web.AppRunner(
+                demo_app, handler_cancellation=True, shutdown_timeout=timeout, access_log=None
+            )
+            runners.append(await _start(demo, config.demo.listen, "demo"))
+            log.info("demo backend on http://%s", config.demo.listen)
+        app = make_app(config, metrics=metrics)
+        runner = await _start(make_runner(app), config.server.listen, "public", tls, shared_port)
+    except (_BindError, StartupError) as exc:
+        for started in reversed(runners):
+            await started.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        raise StartupError(str(exc)) from None
+    runners.append(runner)
     if tls is not None:  # the paths only: key material never reaches a log
         log.info(
             "TLS certificate %s, key %s", config.server.tls_cert_file, config.server.tls_key_file
         )
-    metrics_runner = None
-    if config.metrics.enabled and config.metrics.listen is not None:
-        metrics_app = make_metrics_app(app[METRICS], config.metrics.path)
-        metrics_runner = await _start(
-            web.AppRunner(metrics_app, access_log=None), config.metrics.listen, None, shared_port
+    if config.metrics.enabled:
+        where = config.metrics.listen or config.server.listen
+        log.info(
+            "metrics on %s://%s%s",
+            "http" if metrics_runner is not None else scheme,
+            where,
+            config.metrics.path,
         )
-        log.info("metrics on http://%s%s", config.metrics.listen, config.metrics.path)
     loop.add_signal_handler(signal.SIGHUP, on_reload)  # only now is there an app to reload
     log.info(
         "sse-gateway listening on %s://%s (%d routes)",
@@ -153,11 +236,8 @@ async def serve(
         await stop.wait()
         await drain(app)
     finally:
-        await runner.cleanup()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
-        if demo_runner is not None:
-            await demo_runner.cleanup()
+        for started in reversed(runners):  # the public listener first
+            await started.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         log.info("stopped")

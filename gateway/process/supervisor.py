@@ -7,6 +7,8 @@ with SO_REUSEPORT so the kernel spreads connections across them. It:
 
 - restarts a worker that dies unexpectedly (after a short, growing pause, so
   a worker that cannot start does not spin), and marks its metrics dead;
+- stops every worker and exits with EXIT_STARTUP when one reports that it
+  cannot start (a port in use, a bad certificate): restarting would not help;
 - forwards SIGTERM/SIGINT (drain and stop) and SIGHUP (reload) to every
   worker, and exits once all of them have, within their own timeouts;
 - points every worker at one prometheus-client multi-process directory, made
@@ -33,6 +35,9 @@ from ..config import GatewayConfig
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "SSE_GATEWAY_WORKER_INDEX"
+# The exit status of a process that could not start (configuration, listeners, TLS), as
+# argparse uses for usage errors; a worker exiting with it is not restarted.
+EXIT_STARTUP = 2
 # A worker that dies this soon after starting is failing to start: back off.
 QUICK_DEATH_SECONDS = 5.0
 MAX_RESTART_DELAY_SECONDS = 30.0
@@ -100,6 +105,10 @@ async def supervise(config: GatewayConfig, argv: Sequence[str]) -> int:
             _mark_dead(proc.pid, metrics_dir)
             if stopping.is_set():
                 return status
+            if status == EXIT_STARTUP:
+                log.error("worker %d could not start: stopping every worker", index)
+                forward(signal.SIGTERM)
+                return status
             lived = loop.time() - started
             failures[index] = failures[index] + 1 if lived < QUICK_DEATH_SECONDS else 0
             delay = (
@@ -128,6 +137,8 @@ async def supervise(config: GatewayConfig, argv: Sequence[str]) -> int:
             loop.remove_signal_handler(signum)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("all workers stopped")
+    if EXIT_STARTUP in statuses:
+        return EXIT_STARTUP
     return 0 if all(s == 0 for s in statuses) else 1
 
 
