@@ -28,15 +28,17 @@ ENV VIRTUAL_ENV=/opt/venv \
 ENV PATH="$VIRTUAL_ENV/bin:$PATH"
 WORKDIR /src
 
-# Dependencies in their own layer, rebuilt only when pyproject.toml changes (not
-# on every code or README edit): read [project] dependencies with the stdlib
-# tomllib and install exactly that list. Building the project itself here would
-# need gateway/ (setuptools refuses a missing package directory), and a
-# hand-kept requirements file would drift from pyproject.toml.
-COPY pyproject.toml ./
+# Dependencies in their own layer, rebuilt only when pyproject.toml or the lock
+# changes (not on every code or README edit): read [project] dependencies with the
+# stdlib tomllib and install exactly that list, at the versions constraints.txt
+# pins (the lock `make` installs with too, so the image runs what CI tested).
+# Building the project itself here would need gateway/ (setuptools refuses a
+# missing package directory), and a hand-kept requirements file would drift from
+# pyproject.toml.
+COPY pyproject.toml constraints.txt ./
 RUN python -m venv "$VIRTUAL_ENV" \
     && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
-    && pip install --no-cache-dir -r requirements.txt
+    && pip install --no-cache-dir -c constraints.txt -r requirements.txt
 
 # The project itself, without dependencies (already installed above). setuptools
 # reads README.md as the package's long description, so it comes along.

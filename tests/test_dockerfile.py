@@ -326,6 +326,35 @@ def test_pip_never_keeps_a_cache(dockerfile: list[Stage]) -> None:
             assert part.startswith(" --no-cache-dir"), command
 
 
+def locked_versions() -> dict[str, str]:
+    """constraints.txt (the lock) as {normalized name: version}; markers are not evaluated."""
+    pins = {}
+    for raw in (ROOT / "constraints.txt").read_text().splitlines():
+        line = raw.partition("#")[0].partition(";")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"constraints.txt: {raw!r} is not an exact pin"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+    return pins
+
+
+def test_dependencies_install_from_the_lock(dockerfile: list[Stage]) -> None:
+    # Every pip install that resolves dependencies is pinned by the lock `make` uses too, so
+    # the image runs the versions CI tested (a --no-deps install resolves nothing).
+    builder = dockerfile[0]
+    assert "constraints.txt" in copy_sources(builder)
+    resolving = [
+        part
+        for run in builder.all("RUN")
+        for part in run.args.split("pip install")[1:]
+        if "--no-deps" not in part.split("&&")[0]
+    ]
+    assert resolving
+    for part in resolving:
+        assert "-c constraints.txt" in part.split("&&")[0], part
+    assert locked_versions()["aiohttp"].startswith("3.")
+
+
 def test_build_context_is_exactly_what_the_dockerfile_copies(dockerfile: list[Stage]) -> None:
     sources = copy_sources(dockerfile[0])
     assert {"pyproject.toml", "README.md", "gateway"} <= set(sources)
@@ -485,6 +514,23 @@ def test_image_steps_install_and_run_the_gateway_in_a_plain_venv(
     ).stdout
     assert installed.startswith(str(venv / "lib"))
     assert "# sse-gateway" in installed
+    # Every distribution in the image at the version the lock pins.
+    frozen = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "freeze", "--exclude-editable"],
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    locked = locked_versions()
+    installed_versions = {
+        re.sub(r"[-_.]+", "-", name).lower(): version
+        for name, _, version in (line.partition("==") for line in frozen.splitlines())
+        if version and name.lower() != "sse-gateway"
+    }
+    assert "aiohttp" in installed_versions
+    assert {n: v for n, v in installed_versions.items() if locked.get(n) != v} == {}
 
     # The final stage: the venv copied over whole, its ENV, then ENTRYPOINT + CMD.
     copies = [c.args.split() for c in final.all("COPY")]
