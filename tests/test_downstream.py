@@ -6,13 +6,19 @@ import asyncio
 import contextlib
 import re
 import socket
+from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from gateway.app import LIFECYCLE
+from gateway.app import ADMISSION, HUB, LIFECYCLE, make_app, make_runner
+from gateway.config import from_document
+from gateway.metrics import Metrics
 
 from .conftest import GatewayFactory, route_doc
-from .support import Upstream, connect, events, raw_request
+from .support import LogWatcher, Upstream, connect, events, raw_request
 
 HEARTBEAT = b": heartbeat\n\n"
 
@@ -215,8 +221,6 @@ async def test_shutdown_does_not_wait_for_a_subscriber_that_is_not_reading(
 async def test_a_client_gone_before_its_stream_starts_is_not_a_server_error(
     upstream: Upstream, make_gateway: GatewayFactory
 ) -> None:
-    from .support import LogWatcher
-
     gw = await make_gateway(route_doc(upstream))
     with LogWatcher("aiohttp") as aiohttp_log, LogWatcher("gateway") as log:
         for _ in range(20):  # bounded: send a request and hang up at once, abruptly
@@ -347,3 +351,75 @@ async def test_a_client_that_keeps_sending_after_its_request_is_cut_off(
     await upstream.wait_closed("k")
     assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="error") == 1
     writer.close()
+
+
+async def _gateway_with_hooks(
+    upstream: Upstream,
+    *,
+    middleware: Any = None,
+    on_prepare: Any = None,
+) -> tuple[web.Application, web.AppRunner, int]:
+    """A gateway whose app gets a test middleware or response-prepare hook before it starts:
+    how a test makes the client leave at an exact point of the stream's start."""
+    doc = {
+        "routes": [route_doc(upstream)],
+        "limits": {"max_subscribers_per_client": 0, "max_connections_per_second": 0},
+        "metrics": {"listen": ""},
+    }
+    app = make_app(from_document(doc, {}), metrics=Metrics(CollectorRegistry()))
+    if middleware is not None:
+        app.middlewares.append(middleware)
+    if on_prepare is not None:
+        app.on_response_prepare.append(on_prepare)
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return app, runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    assert transport is not None
+    transport.abort()  # the client's reset, seen by the server at this exact point
+
+
+@pytest.mark.parametrize("point", ["before prepare", "during prepare"])
+async def test_a_client_gone_at_any_point_of_the_stream_start_ends_it_quietly(
+    upstream: Upstream, point: str
+) -> None:
+    @web.middleware
+    async def leave_first(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/events/"):
+            _abort(request)
+        return await handler(request)  # type: ignore[no-any-return]
+
+    async def leave_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.startswith("/events/"):
+            _abort(request)
+
+    hooks: dict[str, Any] = (
+        {"middleware": leave_first}
+        if point == "before prepare"
+        else {"on_prepare": leave_on_prepare}
+    )
+    app, runner, port = await _gateway_with_hooks(upstream, **hooks)
+    try:
+        with LogWatcher("aiohttp") as aiohttp_log, LogWatcher("gateway") as log:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /events/gone HTTP/1.1\r\nHost: x\r\n\r\n")
+                async with asyncio.timeout(5):
+                    # The server reset the connection: nothing, or a reset, comes back.
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await reader.read() == b""
+                writer.close()
+            head = await raw_request(port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert head.split()[1] == b"404"
+            await log.until(lambda lines: any("path=/nope" in line for line in lines))
+        assert not any("Error handling request" in line for line in aiohttp_log.records)
+        assert not any("status=500" in line for line in log.records)
+        assert app[ADMISSION].total == 0  # every admission slot was given back
+        assert app[HUB].topics == {}
+    finally:
+        await runner.cleanup()
