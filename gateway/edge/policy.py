@@ -144,7 +144,13 @@ def client_last_event_id(header: str | None, query: str | None, max_bytes: int) 
     value = header if header is not None else query
     if not value:
         return None
-    if len(value.encode()) > max_bytes:
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        # aiohttp hands header bytes that are not UTF-8 over as surrogate escapes; such an
+        # id could be neither logged nor sent back to an upstream as it came.
+        raise BadRequest("Last-Event-ID is not valid UTF-8") from None
+    if size > max_bytes:
         raise BadRequest(f"Last-Event-ID is longer than {max_bytes} bytes")
     if _BAD_ID.search(value):
         raise BadRequest("Last-Event-ID holds a control character")
