@@ -184,6 +184,7 @@ def make_app(
         app[LIFECYCLE].ready = False
         await app[HUB].close()
 
+    log_cors(config)
     app.cleanup_ctx.append(hub_context)
     app.on_shutdown.append(on_shutdown)
 
@@ -342,24 +343,55 @@ async def drain(app: web.Application) -> None:
     await hub.drain(window).wait()
 
 
+# Settings the running process cannot change: the listeners and the aiohttp runner are built
+# once at start (aiohttp copies its limits into every connection's protocol).
+RESTART_ONLY = (
+    ("server", "listen"),
+    ("server", "workers"),
+    ("server", "tls_cert_file"),
+    ("server", "tls_key_file"),
+    ("server", "shutdown_timeout_seconds"),
+    ("limits", "max_header_bytes"),
+    ("limits", "header_timeout_seconds"),
+)
+
+
+def apply_log_level(level: str) -> None:
+    """Set the process's log level: the root logger's, as start-up's basicConfig sets it."""
+    logging.getLogger().setLevel(level.upper())
+
+
+def restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """The changed settings that a reload cannot apply, by their configuration names."""
+    changed = [
+        f"[{section}] {key}"
+        for section, key in RESTART_ONLY
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
+    changed += [
+        f"[{name}]" for name in ("metrics", "demo") if getattr(old, name) != getattr(new, name)
+    ]
+    return changed
+
+
 def reload(app: web.Application, new: GatewayConfig) -> None:
     """Apply a new configuration to a running app (SIGHUP).
 
     Routes whose settings are unchanged keep their topics and streams; topics of
     a changed or removed route end (their clients reconnect, under the new
-    settings); limits apply to new streams. Listener addresses, the metrics path
-    and the demo need a restart.
+    settings); limits, `trusted_proxies`, `drain_seconds`, `access_log` and
+    `log_level` apply at once. What only a restart can change (`RESTART_ONLY`,
+    the metrics listener, the demo) is named in a warning.
     """
     settings = app[SETTINGS]
     old = settings.config
-    restart_only = ("listen", "tls_cert_file", "tls_key_file")
-    if any(getattr(old.server, k) != getattr(new.server, k) for k in restart_only) or (
-        (old.metrics, old.demo) != (new.metrics, new.demo)
-    ):
-        log.warning(
-            "reload: listen address, TLS certificate, metrics and demo settings apply after "
-            "a restart"
-        )
+    pending = restart_only_changes(old, new)
+    if pending:
+        log.warning("reload: %s changed; these apply after a restart", ", ".join(pending))
+    if new.server.log_level != old.server.log_level:
+        apply_log_level(new.server.log_level)
+    # In place: streams already running hold this object and log their end with it.
+    app[ACCESS].format = new.server.access_log
     routes = {r.name: r for r in new.routes}
     closed = app[HUB].close_route_topics(
         lambda target: routes.get(target.route.name) == target.route, "reload"
@@ -368,6 +400,7 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
     settings.routes = RouteTable(new.routes)
     app[ADMISSION].update(new.limits)
     app[WHEEL].retune(HeartbeatWheel.tick_for([r.heartbeat_seconds for r in new.routes]))
+    log_cors(new)
     unchanged = sum(1 for r in old.routes if routes.get(r.name) == r)
     log.info(
         "reloaded: %d routes, %d unchanged; %d topics of changed routes closed",
@@ -375,3 +408,9 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
         unchanged,
         closed,
     )
+
+
+def log_cors(config: GatewayConfig) -> None:
+    """Say once what each route lets a cross-origin page do: a silent default confuses."""
+    for route in config.routes:
+        log.info("route %r: %s", route.name, policy.describe_cors(route))

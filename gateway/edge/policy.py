@@ -82,6 +82,21 @@ def preflight_headers(route: RouteConfig, origin: str | None) -> dict[str, str]:
     }
 
 
+def describe_cors(route: RouteConfig) -> str:
+    """What a route's CORS policy lets a cross-origin page do, in a sentence for the log."""
+    allowed = route.cors_origins
+    if not allowed:
+        return (
+            "CORS off: responses carry no Access-Control-* headers, so a browser page on "
+            "another origin cannot read the stream (the gateway still serves it: "
+            "same-origin pages and non-browser clients get it) and its preflight gets 403"
+        )
+    if "*" in allowed:
+        return "CORS for any origin (Access-Control-Allow-Origin: *), without credentials"
+    credentials = " with credentials" if route.cors_credentials else ", without credentials"
+    return f"CORS for {', '.join(allowed)}{credentials}; other origins get 403"
+
+
 def client_address(
     peer: str | None, forwarded_for: list[str], trusted: tuple[IPNetwork, ...]
 ) -> str:
