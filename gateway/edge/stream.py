@@ -13,6 +13,15 @@ reconnects with Last-Event-ID), which bounds memory per subscriber.
 A stream ends when the hub closes it, when it is cut off as slow, or when the
 socket reports the client gone (`connection_lost`); its bookkeeping (hub,
 wheel, metrics, access log, admission) runs once, on the next loop turn.
+
+The preamble (`: ok` and the `retry:` hint) and the goodbye (`retry:`) are
+lines of a block the gateway leaves open: the next block written (the first
+event, a heartbeat) completes it, or the end of the stream discards it.
+Browsers apply `retry:` as soon as they parse the line (WHATWG "event stream
+interpretation"); a blank line after it would dispatch an empty message in
+clients that dispatch any block holding a `retry` (httpx-sse) or any block at
+all (@microsoft/fetch-event-source). A comment or `retry:` line in a block is
+harmless to every parser, so the events that follow arrive unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from .heartbeat import HeartbeatWheel
 log = logging.getLogger(__name__)
 
 HEARTBEAT = encode_comment("heartbeat")
+# The first line of every stream, in the block the preamble leaves open (see above).
+OPENING = b": ok\n"
 # asyncio's and uvloop's default write high-water mark: past it aiohttp's write_eof waits for
 # the client to drain, so a stream ended with more than this queued is aborted instead.
 STALLED_BYTES = 64 * 1024
@@ -48,6 +59,11 @@ SSE_HEADERS = {
     # nginx (and proxies that copy it) would otherwise buffer the response.
     "X-Accel-Buffering": "no",
 }
+
+
+def retry_line(ms: int) -> bytes:
+    """A `retry:` line that leaves its block open: no blank line after it (see above)."""
+    return encode_retry(ms).removesuffix(b"\n")
 
 
 def identity(raw: bytes) -> bytes:
@@ -290,7 +306,7 @@ async def turn_away(
     retry_ms = random.randint(route.retry_ms, route.retry_max_ms) if route.retry_ms else 1000
     try:
         await resp.prepare(request)
-        await resp.write(encode_retry(retry_ms))
+        await resp.write(OPENING + retry_line(retry_ms))
         await resp.write_eof()
     except ConnectionError:
         raise _client_gone() from None
@@ -366,9 +382,9 @@ async def _open(
         resp.enable_chunked_encoding()
     # Drawn per connection, so clients cut off together come back spread over the range.
     retry = (
-        encode_retry(random.randint(route.retry_ms, route.retry_max_ms)) if route.retry_ms else b""
+        retry_line(random.randint(route.retry_ms, route.retry_max_ms)) if route.retry_ms else b""
     )
-    preamble = retry or encode_comment("ok")
+    preamble = OPENING + retry
     try:
         await resp.prepare(request)
         # Through aiohttp so the buffered headers and the preamble leave in one write, now.
