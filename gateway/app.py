@@ -29,8 +29,9 @@ from .core.topic import Upstreams
 from .edge import policy, stream
 from .edge.accesslog import AccessLog
 from .edge.auth import Authorizer
+from .edge.head import RequestHead, door
 from .edge.heartbeat import HeartbeatWheel
-from .errors import GatewayError, MethodNotAllowed
+from .errors import GatewayError
 from .metrics import Metrics
 from .timing import Clock, MonotonicClock
 from .upstream.client import UpstreamClient
@@ -61,6 +62,7 @@ SETTINGS = web.AppKey("settings", Settings)
 ADMISSION = web.AppKey("admission", policy.Admission)
 ACCESS = web.AppKey("access", AccessLog)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
+SERVICES = web.AppKey("services", stream.Services)
 
 _direct_ids = itertools.count(1)
 _PLAIN_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
@@ -91,7 +93,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 "message": exc.message,
             },
         )
-        return web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
+        response = web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
+        # A refused client gets no second request on this connection: a flood of refused
+        # requests costs a connection each, not one pipelined connection for all of them.
+        response.force_close()
+        return response
 
 
 class RejectionLog(AbstractAccessLogger):
@@ -163,6 +169,7 @@ def make_app(
         client = upstreams if upstreams is not None else UpstreamClient(session, metrics, clock)
         app[HUB] = Hub(client, clock, metrics)
         app[AUTHORIZER] = Authorizer(session, clock)
+        app[SERVICES] = stream.Services(app[HUB], app[WHEEL], app[ACCESS])
         for route in config.routes:
             metrics.route(route.name)  # every series exists, at 0, before its first event
         lag = asyncio.create_task(watch_loop_lag(metrics), name="loop lag")
@@ -177,6 +184,7 @@ def make_app(
         app[LIFECYCLE].ready = False
         await app[HUB].close()
 
+    log_cors(config)
     app.cleanup_ctx.append(hub_context)
     app.on_shutdown.append(on_shutdown)
 
@@ -231,52 +239,61 @@ async def demo_page(request: web.Request) -> web.Response:
 
 async def stream_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
-    if request.method not in ("GET", "OPTIONS"):
-        raise MethodNotAllowed("only GET streams", headers={"Allow": "GET, OPTIONS"})
     settings = app[SETTINGS]
+    config = settings.config
     # The table this request is served under: a reload during an await below (auth) must
     # end this stream after its preamble, not let it join a topic of a route that is gone.
     routes = settings.routes
-    target = routes.resolve(request.raw_path, request.query.items())
-    origin = request.headers.get("Origin")
-    if request.method == "OPTIONS":
-        headers = policy.preflight_headers(target.route, origin)
-        return web.Response(status=204, headers=headers)
-    cors = policy.cors_headers(target.route, origin)
-    last_event_id = policy.client_last_event_id(
-        request.headers.get("Last-Event-ID"),
-        request.query.get("lastEventId"),
-        settings.config.limits.max_last_event_id_bytes,
-    )
+    head = head_of(request)
+    entry = door(head, routes, config)
+    if entry.preflight:
+        return web.Response(status=204, headers=entry.cors)
+    target = entry.target
     if not app[LIFECYCLE].ready:
-        return await stream.turn_away(request, target, cors)
+        return await stream.turn_away(request, target, entry.cors)
     admission = app[ADMISSION]
-    client = client_of(request)
-    route = target.route
-    # Admission first: its rate and per-client limits also shield the auth backends.
-    admission.enter(client, route)
+    client, route = entry.client, target.route
+    # Admission first: its per-client limits also shield the auth backends.
+    admission.enter(client, route, forwarded=head.forwarded_untrusted(config))
     # An established stream outlives this handler: its end gives the slot back.
     release = functools.partial(admission.leave, client, route)
+    last_event_id = entry.last_event_id
     try:
+        # Auth still reads the aiohttp request (headers, cookies, query, path): see
+        # edge/head.py for the head it would take instead.
         grant = await app[AUTHORIZER].check(request, target)
-        if target.route.mode == "direct":
+        if route.mode == "direct":
             # The client's own upstream request carries its Last-Event-ID: no replay here.
-            target, last_event_id = direct_target(request, target, last_event_id, client), None
+            target, last_event_id = direct_target(head, target, last_event_id, client), None
     except BaseException:
+        # No stream: the process-wide rate was not spent (a flood of bad tokens from one
+        # address must not lock out everyone else); the client's own bucket stays spent.
+        admission.refund()
         release()
         raise
-    return await stream.serve(
-        request,
+    admitted = stream.Admitted(
         target,
-        app[HUB],
-        app[WHEEL],
-        cors,
+        entry.cors,
         last_event_id,
-        app[ACCESS],
         client,
         expires_at=grant.expires_at,
         still_current=lambda: app[SETTINGS].routes is routes,
         release=release,
+    )
+    return await stream.serve(request, admitted, app[SERVICES])
+
+
+def head_of(request: web.BaseRequest) -> RequestHead:
+    """The HTTP/1.1 listener's request head: what the door decides on."""
+    return RequestHead(
+        method=request.method,
+        raw_path=request.raw_path,
+        query=tuple(request.query.items()),
+        headers=request.headers,
+        peer=request.remote,
+        tls=request.secure,
+        scheme=request.scheme,
+        host=request.host,
     )
 
 
@@ -290,23 +307,21 @@ def client_of(request: web.Request) -> str:
 
 
 def direct_target(
-    request: web.Request, target: Target, last_event_id: str | None, client: str
+    head: RequestHead, target: Target, last_event_id: str | None, client: str
 ) -> Target:
     """A private topic for one client: its upstream request carries this client's headers.
 
     Only the route's allow-listed `forward_headers` (config refuses hop-by-hop,
     framing and gateway-owned names there), the standard forwarding headers (set
-    fresh, naming the client as `client_of` resolved it, not as the request claimed)
+    fresh, naming the client as the door resolved it, not as the request claimed)
     and the client's Last-Event-ID reach the upstream.
     """
     route = target.route
-    headers = [
-        (name, request.headers[name]) for name in route.forward_headers if name in request.headers
-    ]
-    peer, proto = client, request.scheme
+    headers = [(name, head.headers[name]) for name in route.forward_headers if name in head.headers]
+    peer, proto = client, head.scheme
     # The Host header is client input: only a plain host[:port] may be passed on, or a
     # crafted one would add its own elements to Forwarded (RFC 7239) and fool the upstream.
-    host = request.host if _PLAIN_HOST.fullmatch(request.host) else None
+    host = head.host if _PLAIN_HOST.fullmatch(head.host) else None
     node = f"[{peer}]" if ":" in peer else peer  # RFC 7239 6: IPv6 in brackets
     forwarded = f'for="{node}";proto={proto}' + (f';host="{host}"' if host else "")
     headers += [("X-Forwarded-For", peer), ("X-Forwarded-Proto", proto), ("Forwarded", forwarded)]
@@ -328,24 +343,55 @@ async def drain(app: web.Application) -> None:
     await hub.drain(window).wait()
 
 
+# Settings the running process cannot change: the listeners and the aiohttp runner are built
+# once at start (aiohttp copies its limits into every connection's protocol).
+RESTART_ONLY = (
+    ("server", "listen"),
+    ("server", "workers"),
+    ("server", "tls_cert_file"),
+    ("server", "tls_key_file"),
+    ("server", "shutdown_timeout_seconds"),
+    ("limits", "max_header_bytes"),
+    ("limits", "header_timeout_seconds"),
+)
+
+
+def apply_log_level(level: str) -> None:
+    """Set the process's log level: the root logger's, as start-up's basicConfig sets it."""
+    logging.getLogger().setLevel(level.upper())
+
+
+def restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """The changed settings that a reload cannot apply, by their configuration names."""
+    changed = [
+        f"[{section}] {key}"
+        for section, key in RESTART_ONLY
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
+    changed += [
+        f"[{name}]" for name in ("metrics", "demo") if getattr(old, name) != getattr(new, name)
+    ]
+    return changed
+
+
 def reload(app: web.Application, new: GatewayConfig) -> None:
     """Apply a new configuration to a running app (SIGHUP).
 
     Routes whose settings are unchanged keep their topics and streams; topics of
     a changed or removed route end (their clients reconnect, under the new
-    settings); limits apply to new streams. Listener addresses, the metrics path
-    and the demo need a restart.
+    settings); limits, `trusted_proxies`, `drain_seconds`, `access_log` and
+    `log_level` apply at once. What only a restart can change (`RESTART_ONLY`,
+    the metrics listener, the demo) is named in a warning.
     """
     settings = app[SETTINGS]
     old = settings.config
-    restart_only = ("listen", "tls_cert_file", "tls_key_file")
-    if any(getattr(old.server, k) != getattr(new.server, k) for k in restart_only) or (
-        (old.metrics, old.demo) != (new.metrics, new.demo)
-    ):
-        log.warning(
-            "reload: listen address, TLS certificate, metrics and demo settings apply after "
-            "a restart"
-        )
+    pending = restart_only_changes(old, new)
+    if pending:
+        log.warning("reload: %s changed; these apply after a restart", ", ".join(pending))
+    if new.server.log_level != old.server.log_level:
+        apply_log_level(new.server.log_level)
+    # In place: streams already running hold this object and log their end with it.
+    app[ACCESS].format = new.server.access_log
     routes = {r.name: r for r in new.routes}
     closed = app[HUB].close_route_topics(
         lambda target: routes.get(target.route.name) == target.route, "reload"
@@ -354,6 +400,7 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
     settings.routes = RouteTable(new.routes)
     app[ADMISSION].update(new.limits)
     app[WHEEL].retune(HeartbeatWheel.tick_for([r.heartbeat_seconds for r in new.routes]))
+    log_cors(new)
     unchanged = sum(1 for r in old.routes if routes.get(r.name) == r)
     log.info(
         "reloaded: %d routes, %d unchanged; %d topics of changed routes closed",
@@ -361,3 +408,9 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
         unchanged,
         closed,
     )
+
+
+def log_cors(config: GatewayConfig) -> None:
+    """Say once what each route lets a cross-origin page do: a silent default confuses."""
+    for route in config.routes:
+        log.info("route %r: %s", route.name, policy.describe_cors(route))

@@ -73,13 +73,6 @@ class MethodNotAllowed(GatewayError):
     reason = "method_not_allowed"
 
 
-class Unavailable(GatewayError):
-    """The gateway cannot take the request now (shutting down, over a limit)."""
-
-    status = 503
-    reason = "unavailable"
-
-
 class OverCapacity(GatewayError):
     """The process or a route holds its maximum number of subscribers."""
 

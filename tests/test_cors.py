@@ -13,7 +13,7 @@ from gateway.edge.policy import cors_headers, preflight_headers
 from gateway.errors import CorsDenied
 
 from .conftest import GatewayFactory, route_doc
-from .support import Upstream, connect
+from .support import LogWatcher, Upstream, connect
 
 APP = "https://app.example"
 
@@ -139,3 +139,36 @@ async def test_preflight_is_answered_without_touching_the_upstream(
     ) as resp:
         assert resp.status == 403
     assert upstream.connections == []
+
+
+async def test_each_routes_cors_policy_is_logged_once_at_start_and_the_default_is_as_said(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    with LogWatcher("gateway.app") as log:
+        gw = await make_gateway(
+            route_doc(upstream),
+            route_doc(upstream, name="open", path="/open/{topic}", cors_origins=["*"]),
+            route_doc(
+                upstream,
+                name="app",
+                path="/app/{topic}",
+                cors_origins=[APP],
+                cors_credentials=True,
+            ),
+        )
+    cors_lines = [line for line in log.records if "CORS" in line]
+    assert cors_lines == [
+        "route 'r': CORS off: responses carry no Access-Control-* headers, so a browser page "
+        "on another origin cannot read the stream (the gateway still serves it: same-origin "
+        "pages and non-browser clients get it) and its preflight gets 403",
+        "route 'open': CORS for any origin (Access-Control-Allow-Origin: *), without credentials",
+        f"route 'app': CORS for {APP} with credentials; other origins get 403",
+    ]
+    # What the first line says: a cross-origin request is served, with no CORS header (so a
+    # browser withholds it from the page), and a preflight is refused.
+    client = await connect(session, gw.url("/events/d"), headers={"Origin": APP})
+    assert not any(h.lower().startswith("access-control-") for h in client.response.headers)
+    assert "Vary" not in client.response.headers
+    client.close()
+    async with session.options(gw.url("/events/d"), headers={"Origin": APP}) as resp:
+        assert resp.status == 403

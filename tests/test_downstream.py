@@ -6,15 +6,24 @@ import asyncio
 import contextlib
 import re
 import socket
+from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from gateway.app import LIFECYCLE
+from gateway.app import ADMISSION, HUB, LIFECYCLE, make_app, make_runner
+from gateway.config import from_document
+from gateway.metrics import Metrics
+from gateway.sse import Parser
 
 from .conftest import GatewayFactory, route_doc
-from .support import Upstream, connect, events, raw_request
+from .support import LogWatcher, Upstream, connect, events, raw_request
 
 HEARTBEAT = b": heartbeat\n\n"
+# The preamble as a chunk: a comment and the retry hint, in a block left open.
+PREAMBLE_CHUNK = b"11\r\n: ok\nretry: 3000\n\r\n"
 
 
 async def _stalled_reader(
@@ -38,7 +47,7 @@ async def test_subscriber_that_never_reads_is_cut_off_at_its_limit_while_others_
     good = await connect(session, gw.url("/events/flood"))
     _, stalled = await _stalled_reader(gw.port, "/events/flood")
     await upstream.wait_open("flood")
-    await good.wait_for(lambda c: bytes(c.raw).startswith(b"retry:"))
+    await good.wait_for(lambda c: b"retry: 3000\n" in bytes(c.raw))
     sent = 0
     # Bounded: 16 MB at most, far beyond kernel buffers plus the 64 KiB limit.
     for batch in range(500):
@@ -82,8 +91,9 @@ async def test_heartbeats_never_split_an_event(
         await client.wait_for(lambda c, n=beats: bytes(c.raw).count(HEARTBEAT) > n)
         await upstream.send("mixed", b"data: line two\n\n")
         await client.wait_events(i + 1)
-    blocks = bytes(client.raw).split(b"\n\n")
-    assert blocks[0] == b"retry: 3000"
+    # The preamble's open block is completed by whatever comes first (event or heartbeat).
+    assert bytes(client.raw).startswith(b": ok\nretry: 3000\n")
+    blocks = bytes(client.raw).removeprefix(b": ok\nretry: 3000\n").split(b"\n\n")
     for block in blocks[1:-1]:
         lines = block.split(b"\n")
         assert lines == [b": heartbeat"] or not any(line.startswith(b":") for line in lines), block
@@ -104,7 +114,7 @@ async def test_http10_client_gets_an_unframed_stream(
     await upstream.wait_open("old")
     await upstream.publish("old", *events("old", 1, 1))
     body = await asyncio.wait_for(reader.readuntil(b"data: old 1 \n\n"), 5)
-    assert body == b"retry: 3000\n\nid: 1\ndata: old 1 \n\n"
+    assert body == b": ok\nretry: 3000\nid: 1\ndata: old 1 \n\n"
     writer.close()
 
 
@@ -121,7 +131,7 @@ async def test_chunked_stream_frames_whole_batches(
     body = await asyncio.wait_for(reader.readuntil(b"data: c 3 \n\n\r\n"), 5)
     payload = b"id: 1\ndata: c 1 \n\nid: 2\ndata: c 2 \n\nid: 3\ndata: c 3 \n\n"
     # One upstream read of three events is one chunk: one write per subscriber.
-    assert body == b"d\r\nretry: 3000\n\n\r\n" + b"%x\r\n" % len(payload) + payload + b"\r\n"
+    assert body == b"11\r\n: ok\nretry: 3000\n\r\n" + b"%x\r\n" % len(payload) + payload + b"\r\n"
     writer.close()
 
 
@@ -140,7 +150,7 @@ async def test_shutdown_ends_streams_cleanly_and_readyz_turns_503(
     # an empty stream that tells the client when to come back, then ends.
     async with session.get(gw.url("/events/s")) as resp:
         assert resp.status == 200
-        assert await resp.read() == b"retry: 3000\n\n"
+        assert await resp.read() == b": ok\nretry: 3000\n"
     await gw.runner.cleanup()
     await client.wait_end()
     # A clean end: the chunked body was terminated, not cut (aiohttp would raise otherwise).
@@ -193,7 +203,7 @@ async def test_shutdown_does_not_wait_for_a_subscriber_that_is_not_reading(
     good = await connect(session, gw.url("/events/stall"))
     _, stalled = await _stalled_reader(gw.port, "/events/stall")
     await upstream.wait_open("stall")
-    await good.wait_for(lambda c: bytes(c.raw).startswith(b"retry:"))
+    await good.wait_for(lambda c: b"retry: 3000\n" in bytes(c.raw))
     (topic,) = gw.hub.topics.values()
     for batch in range(400):  # bounded: until the stalled socket has a real backlog
         await upstream.publish("stall", *events("stall", batch, 1, size=32 * 1024))
@@ -215,8 +225,6 @@ async def test_shutdown_does_not_wait_for_a_subscriber_that_is_not_reading(
 async def test_a_client_gone_before_its_stream_starts_is_not_a_server_error(
     upstream: Upstream, make_gateway: GatewayFactory
 ) -> None:
-    from .support import LogWatcher
-
     gw = await make_gateway(route_doc(upstream))
     with LogWatcher("aiohttp") as aiohttp_log, LogWatcher("gateway") as log:
         for _ in range(20):  # bounded: send a request and hang up at once, abruptly
@@ -244,7 +252,7 @@ async def _raw_stream(port: int, path: str) -> tuple[asyncio.StreamReader, async
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
-        assert await reader.readuntil(b"retry: 3000\n\n\r\n") == b"d\r\nretry: 3000\n\n\r\n"
+        assert await reader.readuntil(b"retry: 3000\n\r\n") == PREAMBLE_CHUNK
     return reader, writer
 
 
@@ -324,7 +332,7 @@ async def test_a_stream_the_gateway_ends_gets_the_last_chunk_then_the_close(
     gw.hub.close_route_topics(lambda target: False, "reload")
     async with asyncio.timeout(5):
         # The retry hint, then the chunked terminator, then EOF.
-        assert await reader.read() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
+        assert await reader.read() == b"c\r\nretry: 3000\n\r\n0\r\n\r\n"
     writer.close()
 
 
@@ -347,3 +355,108 @@ async def test_a_client_that_keeps_sending_after_its_request_is_cut_off(
     await upstream.wait_closed("k")
     assert gw.metric("sse_gateway_connections_closed_total", route="r", outcome="error") == 1
     writer.close()
+
+
+async def _gateway_with_hooks(
+    upstream: Upstream,
+    *,
+    middleware: Any = None,
+    on_prepare: Any = None,
+) -> tuple[web.Application, web.AppRunner, int]:
+    """A gateway whose app gets a test middleware or response-prepare hook before it starts:
+    how a test makes the client leave at an exact point of the stream's start."""
+    doc = {
+        "routes": [route_doc(upstream)],
+        "limits": {"max_subscribers_per_client": 0, "max_connections_per_second": 0},
+        "metrics": {"listen": ""},
+    }
+    app = make_app(from_document(doc, {}), metrics=Metrics(CollectorRegistry()))
+    if middleware is not None:
+        app.middlewares.append(middleware)
+    if on_prepare is not None:
+        app.on_response_prepare.append(on_prepare)
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return app, runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    assert transport is not None
+    transport.abort()  # the client's reset, seen by the server at this exact point
+
+
+@pytest.mark.parametrize("point", ["before prepare", "during prepare"])
+async def test_a_client_gone_at_any_point_of_the_stream_start_ends_it_quietly(
+    upstream: Upstream, point: str
+) -> None:
+    @web.middleware
+    async def leave_first(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/events/"):
+            _abort(request)
+        return await handler(request)  # type: ignore[no-any-return]
+
+    async def leave_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.startswith("/events/"):
+            _abort(request)
+
+    hooks: dict[str, Any] = (
+        {"middleware": leave_first}
+        if point == "before prepare"
+        else {"on_prepare": leave_on_prepare}
+    )
+    app, runner, port = await _gateway_with_hooks(upstream, **hooks)
+    try:
+        with LogWatcher("aiohttp") as aiohttp_log, LogWatcher("gateway") as log:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /events/gone HTTP/1.1\r\nHost: x\r\n\r\n")
+                async with asyncio.timeout(5):
+                    # The server reset the connection: nothing, or a reset, comes back.
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await reader.read() == b""
+                writer.close()
+            head = await raw_request(port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert head.split()[1] == b"404"
+            await log.until(lambda lines: any("path=/nope" in line for line in lines))
+        assert not any("Error handling request" in line for line in aiohttp_log.records)
+        assert not any("status=500" in line for line in log.records)
+        assert app[ADMISSION].total == 0  # every admission slot was given back
+        assert app[HUB].topics == {}
+    finally:
+        await runner.cleanup()
+
+
+def _dechunk(wire: bytes) -> bytes:
+    body, rest = b"", wire
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        body, rest = body + rest[:size], rest[size + 2 :]
+    return body
+
+
+async def test_the_preamble_and_the_goodbye_add_no_block_of_their_own(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    """Browsers take `retry:` when they parse its line; httpx-sse dispatches any block that
+    holds a retry and fetch-event-source every block, so neither may end in a blank line."""
+    gw = await make_gateway(route_doc(upstream, linger_seconds=0))
+    reader, writer = await _raw_stream(gw.port, "/events/pre")
+    await upstream.wait_open("pre")
+    await upstream.publish("pre", *events("pre", 1, 1))
+    async with asyncio.timeout(5):
+        first = await reader.readuntil(b"data: pre 1 \n\n\r\n")
+        gw.hub.close_route_topics(lambda target: False, "reload")
+        rest = await reader.read()
+    writer.close()
+    body = _dechunk(PREAMBLE_CHUNK + first + rest)
+    assert body == b": ok\nretry: 3000\nid: 1\ndata: pre 1 \n\nretry: 3000\n"
+    parser = Parser()
+    assert parser.feed(body) == events("pre", 1, 1)
+    parser.close()
+    assert parser.retry_ms == 3000
+    # One blank line: the event's. Nothing else dispatches, in any client.
+    assert body.count(b"\n\n") == 1

@@ -372,7 +372,8 @@ async def test_rate_and_capacity_limits(
 async def test_token_bucket_refuses_a_burst_over_the_rate(
     upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
 ) -> None:
-    gw = await make_gateway(route_doc(upstream), limits={"max_connections_per_second": 2})
+    # One address may use half the rate (policy.DEFAULT_CLIENT_RATE_SHARE): 2 a second.
+    gw = await make_gateway(route_doc(upstream), limits={"max_connections_per_second": 4})
     statuses = []
     clients = []
     for _ in range(5):

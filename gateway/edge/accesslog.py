@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 log = logging.getLogger("gateway.access")
 
-FORMATS = ("text", "json", "off")
 _PLAIN = re.compile(r"[A-Za-z0-9._:/\[\]@-]+")
 
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
+import logging
 import math
 import re
 
 from ..config import IPNetwork, LimitsConfig, RouteConfig
 from ..errors import BadRequest, ClientLimit, CorsDenied, OverCapacity, RateLimited
 from ..timing import Clock
+
+log = logging.getLogger(__name__)
 
 # What an id may not hold: the encoder refuses CR/LF/NUL, and other controls cannot be
 # sent back to an upstream as a header value.
@@ -76,6 +80,21 @@ def preflight_headers(route: RouteConfig, origin: str | None) -> dict[str, str]:
         "Access-Control-Allow-Headers": PREFLIGHT_ALLOW_HEADERS,
         "Access-Control-Max-Age": str(route.cors_max_age_seconds),
     }
+
+
+def describe_cors(route: RouteConfig) -> str:
+    """What a route's CORS policy lets a cross-origin page do, in a sentence for the log."""
+    allowed = route.cors_origins
+    if not allowed:
+        return (
+            "CORS off: responses carry no Access-Control-* headers, so a browser page on "
+            "another origin cannot read the stream (the gateway still serves it: "
+            "same-origin pages and non-browser clients get it) and its preflight gets 403"
+        )
+    if "*" in allowed:
+        return "CORS for any origin (Access-Control-Allow-Origin: *), without credentials"
+    credentials = " with credentials" if route.cors_credentials else ", without credentials"
+    return f"CORS for {', '.join(allowed)}{credentials}; other origins get 403"
 
 
 def client_address(
@@ -140,11 +159,45 @@ def client_last_event_id(header: str | None, query: str | None, max_bytes: int) 
     value = header if header is not None else query
     if not value:
         return None
-    if len(value.encode()) > max_bytes:
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        # aiohttp hands header bytes that are not UTF-8 over as surrogate escapes; such an
+        # id could be neither logged nor sent back to an upstream as it came.
+        raise BadRequest("Last-Event-ID is not valid UTF-8") from None
+    if size > max_bytes:
         raise BadRequest(f"Last-Event-ID is longer than {max_bytes} bytes")
     if _BAD_ID.search(value):
         raise BadRequest("Last-Event-ID holds a control character")
     return value
+
+
+# Share of `max_connections_per_second` one client address may use: a single address (a
+# flood, a retry loop) can never take more than half, so the other half always remains for
+# everyone else, while one address behind a NAT still gets a generous rate.
+DEFAULT_CLIENT_RATE_SHARE = 0.5
+# Per-address rate buckets kept at most. A bucket that has refilled holds no information
+# and is dropped; past this bound the least recently used go first. About 100 bytes each.
+DEFAULT_MAX_CLIENT_BUCKETS = 10_000
+# A per-client refusal's configuration hint is logged at most this often: the first one
+# tells the operator what to set, the next thousand would only fill the log.
+DEFAULT_HINT_INTERVAL_SECONDS = 600.0
+
+
+class TokenBucket:
+    """`rate` tokens a second, bursts up to one second's worth (at least one token)."""
+
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, capacity: float, now: float) -> None:
+        self.tokens = capacity
+        self.updated = now
+
+    def refill(self, rate: float, now: float) -> float:
+        """Bring the bucket up to `now`; the tokens it then holds."""
+        self.tokens = min(max(1.0, rate), self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        return self.tokens
 
 
 class Admission:
@@ -152,9 +205,15 @@ class Admission:
 
     Pure bookkeeping, no I/O. Capacity limits (the process or a route full)
     answer 503, since another replica may have room; limits that single out
-    one client (its address holds too many streams, or connections arrive
-    faster than the configured rate) answer 429. Every refusal carries
+    one client (its address holds too many streams, or its connections arrive
+    faster than its share of the rate) answer 429. Every refusal carries
     Retry-After. A limit of 0 is no limit.
+
+    The rate is kept twice: per client address (`DEFAULT_CLIENT_RATE_SHARE` of
+    `max_connections_per_second`) and for the process. A request that is then
+    refused (auth failed) gives its process token back (`refund`) but not its
+    client's: bad credentials from one address slow that address down, and
+    never anybody else.
     """
 
     def __init__(self, limits: LimitsConfig, clock: Clock) -> None:
@@ -163,9 +222,11 @@ class Admission:
         self._total = 0
         self._per_route: dict[str, int] = {}
         self._per_client: dict[str, int] = {}
-        rate = limits.max_connections_per_second
-        self._tokens = max(1.0, rate)
-        self._refilled = clock.now()
+        now = clock.now()
+        self._bucket = TokenBucket(max(1.0, limits.max_connections_per_second), now)
+        # Insertion order is recency order: a bucket is moved to the end when used.
+        self._client_buckets: dict[str, TokenBucket] = {}
+        self._hinted_at: float | None = None
 
     def update(self, limits: LimitsConfig) -> None:
         """A reload: new limits apply to new streams; counts carry over."""
@@ -175,8 +236,17 @@ class Admission:
     def total(self) -> int:
         return self._total
 
-    def enter(self, client: str, route: RouteConfig) -> None:
-        """Admit one stream or raise; the caller must `leave` exactly once after an admit."""
+    @property
+    def client_buckets(self) -> int:
+        return len(self._client_buckets)
+
+    def enter(self, client: str, route: RouteConfig, *, forwarded: bool = False) -> None:
+        """Admit one stream or raise; the caller must `leave` exactly once after an admit.
+
+        `forwarded`: the request named a forwarded client that was not believed (its
+        peer is not a trusted proxy), which makes a per-client refusal's hint point at
+        `[server] trusted_proxies`.
+        """
         limits = self.limits
         if limits.max_subscribers and self._total >= limits.max_subscribers:
             raise OverCapacity("the gateway is at its subscriber limit", headers=_retry(5))
@@ -188,8 +258,9 @@ class Admission:
         client_count = self._per_client.get(client, 0)
         per_client = limits.max_subscribers_per_client
         if per_client and client_count >= per_client:
+            self._hint(client, forwarded, "max_subscribers_per_client")
             raise ClientLimit("too many streams from this address", headers=_retry(10))
-        self._take_token()
+        self._take_tokens(client, forwarded)
         self._total += 1
         self._per_route[route.name] = route_count + 1
         self._per_client[client] = client_count + 1
@@ -203,18 +274,85 @@ class Admission:
         else:
             del self._per_client[client]  # the map holds only addresses with streams
 
-    def _take_token(self) -> None:
-        """Token bucket: `rate` connections a second, bursts up to one second's worth."""
+    def refund(self) -> None:
+        """Give back the process-wide token of an admitted request that got no stream."""
+        rate = self.limits.max_connections_per_second
+        if rate:
+            self._bucket.tokens = min(max(1.0, rate), self._bucket.tokens + 1.0)
+
+    def _take_tokens(self, client: str, forwarded: bool) -> None:
+        """One token from the client's bucket, then one from the process's, or RateLimited."""
         rate = self.limits.max_connections_per_second
         if not rate:
             return
         now = self._clock.now()
-        self._tokens = min(max(1.0, rate), self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        if self._tokens < 1.0:
-            wait = math.ceil((1.0 - self._tokens) / rate)
+        client_rate = rate * DEFAULT_CLIENT_RATE_SHARE
+        bucket = self._client_bucket(client, client_rate, now)
+        if bucket.refill(client_rate, now) < 1.0:
+            self._hint(client, forwarded, "max_connections_per_second")
+            raise RateLimited(
+                "too many new connections from this address; retry shortly",
+                headers=_retry(math.ceil((1.0 - bucket.tokens) / client_rate)),
+            )
+        if self._bucket.refill(rate, now) < 1.0:
+            wait = math.ceil((1.0 - self._bucket.tokens) / rate)
             raise RateLimited("too many new connections; retry shortly", headers=_retry(wait))
-        self._tokens -= 1.0
+        bucket.tokens -= 1.0
+        self._bucket.tokens -= 1.0
+
+    def _client_bucket(self, client: str, rate: float, now: float) -> TokenBucket:
+        buckets = self._client_buckets
+        bucket = buckets.pop(client, None)
+        if bucket is None:
+            if len(buckets) >= DEFAULT_MAX_CLIENT_BUCKETS:
+                self._evict(rate, now)
+            bucket = TokenBucket(max(1.0, rate), now)
+        buckets[client] = bucket  # now the most recently used
+        return bucket
+
+    def _evict(self, rate: float, now: float) -> None:
+        """Drop every bucket that has refilled (a new one would be the same), and if that
+        is not enough, the least recently used, down to half the bound: the next sweep is
+        then at least that many new addresses away, so a sweep costs O(1) per request."""
+        full = max(1.0, rate)
+        buckets = self._client_buckets
+        for key in [k for k, b in buckets.items() if b.tokens + (now - b.updated) * rate >= full]:
+            del buckets[key]
+        excess = len(buckets) - DEFAULT_MAX_CLIENT_BUCKETS // 2
+        if excess > 0:
+            for key in list(itertools.islice(buckets, excess)):
+                del buckets[key]
+
+    def _hint(self, client: str, forwarded: bool, limit: str) -> None:
+        """Log what to configure when a per-client limit refuses, at most once an interval.
+
+        Behind a proxy that is not in `trusted_proxies` every client has the proxy's
+        address, so the first few hundred users fill one address's allowance.
+        """
+        now = self._clock.now()
+        if self._hinted_at is not None and now - self._hinted_at < DEFAULT_HINT_INTERVAL_SECONDS:
+            return
+        self._hinted_at = now
+        if forwarded:
+            log.warning(
+                "refused %s: per-client limit [limits] %s reached; its requests carry "
+                "X-Forwarded-For/Forwarded but it is not a trusted proxy, so every client "
+                "behind it counts as this one address: list the proxy in "
+                "[server] trusted_proxies (this hint is logged at most every %.0f s)",
+                client,
+                limit,
+                DEFAULT_HINT_INTERVAL_SECONDS,
+            )
+        else:
+            log.warning(
+                "refused %s: per-client limit [limits] %s reached; if many users share this "
+                "address (a proxy: set [server] trusted_proxies; a NAT), raise "
+                "[limits] %s (this hint is logged at most every %.0f s)",
+                client,
+                limit,
+                limit,
+                DEFAULT_HINT_INTERVAL_SECONDS,
+            )
 
 
 def _retry(seconds: int) -> dict[str, str]:

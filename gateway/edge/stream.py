@@ -13,6 +13,15 @@ reconnects with Last-Event-ID), which bounds memory per subscriber.
 A stream ends when the hub closes it, when it is cut off as slow, or when the
 socket reports the client gone (`connection_lost`); its bookkeeping (hub,
 wheel, metrics, access log, admission) runs once, on the next loop turn.
+
+The preamble (`: ok` and the `retry:` hint) and the goodbye (`retry:`) are
+lines of a block the gateway leaves open: the next block written (the first
+event, a heartbeat) completes it, or the end of the stream discards it.
+Browsers apply `retry:` as soon as they parse the line (WHATWG "event stream
+interpretation"); a blank line after it would dispatch an empty message in
+clients that dispatch any block holding a `retry` (httpx-sse) or any block at
+all (@microsoft/fetch-event-source). A comment or `retry:` line in a block is
+harmless to every parser, so the events that follow arrive unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -37,6 +47,8 @@ from .heartbeat import HeartbeatWheel
 log = logging.getLogger(__name__)
 
 HEARTBEAT = encode_comment("heartbeat")
+# The first line of every stream, in the block the preamble leaves open (see above).
+OPENING = b": ok\n"
 # asyncio's and uvloop's default write high-water mark: past it aiohttp's write_eof waits for
 # the client to drain, so a stream ended with more than this queued is aborted instead.
 STALLED_BYTES = 64 * 1024
@@ -47,6 +59,11 @@ SSE_HEADERS = {
     # nginx (and proxies that copy it) would otherwise buffer the response.
     "X-Accel-Buffering": "no",
 }
+
+
+def retry_line(ms: int) -> bytes:
+    """A `retry:` line that leaves its block open: no blank line after it (see above)."""
+    return encode_retry(ms).removesuffix(b"\n")
 
 
 def identity(raw: bytes) -> bytes:
@@ -65,6 +82,10 @@ MAX_CLIENT_BYTES = 64 * 1024
 
 def _nothing() -> None:
     pass
+
+
+def _current() -> bool:
+    return True
 
 
 class Downstream(asyncio.Protocol):
@@ -234,8 +255,45 @@ class Downstream(asyncio.Protocol):
         self.close("gone")
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What every stream of an app shares: the hub, the heartbeat wheel, the access log."""
+
+    hub: Hub
+    wheel: HeartbeatWheel
+    access: AccessLog
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request the door let through: what to stream, to whom, with which extra headers.
+
+    `release` is called once when the stream ends, however it ends (an admission
+    slot, say): an established stream outlives its handler. `still_current` turns
+    false when a reload replaced the routes this request was decided under.
+    """
+
+    target: Target
+    headers: Mapping[str, str]
+    last_event_id: str | None
+    client: str
+    expires_at: float | None = None
+    still_current: Callable[[], bool] = _current
+    release: Callable[[], None] = _nothing
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A response whose head and preamble reached the socket."""
+
+    response: web.StreamResponse
+    transport: asyncio.Transport
+    preamble: bytes
+    goodbye: bytes
+
+
 async def turn_away(
-    request: web.Request, target: Target, extra_headers: dict[str, str]
+    request: web.Request, target: Target, extra_headers: Mapping[str, str]
 ) -> web.StreamResponse:
     """While draining: a valid, empty stream with a retry hint, then the end.
 
@@ -243,107 +301,146 @@ async def turn_away(
     reconnects, and the point of a drain is that clients do, elsewhere.
     """
     route = target.route
-    resp = web.StreamResponse(status=200, headers=SSE_HEADERS | extra_headers)
+    resp = web.StreamResponse(status=200, headers=SSE_HEADERS | dict(extra_headers))
     resp.force_close()
-    await resp.prepare(request)
     retry_ms = random.randint(route.retry_ms, route.retry_max_ms) if route.retry_ms else 1000
-    await resp.write(encode_retry(retry_ms))
-    await resp.write_eof()
+    try:
+        await resp.prepare(request)
+        await resp.write(OPENING + retry_line(retry_ms))
+        await resp.write_eof()
+    except ConnectionError:
+        raise _client_gone() from None
     return resp
 
 
-async def serve(
-    request: web.Request,
-    target: Target,
-    hub: Hub,
-    wheel: HeartbeatWheel,
-    extra_headers: dict[str, str],
-    last_event_id: str | None,
-    access: AccessLog,
-    client: str,
-    expires_at: float | None = None,
-    still_current: Callable[[], bool] = lambda: True,
-    release: Callable[[], None] = _nothing,
-) -> web.StreamResponse:
-    """Stream `target`'s topic to this request until the client, the hub or shutdown ends it.
+async def serve(request: web.Request, admitted: Admitted, services: Services) -> web.StreamResponse:
+    """Stream `admitted.target`'s topic to this request until the client, the hub or shutdown
+    ends it.
 
-    `release` is called once when the stream ends, however it ends (an admission slot, say):
-    an established stream outlives this handler.
+    Two steps: `_open` sends the response head and the preamble through aiohttp (it
+    awaits, and the client may leave at any point of it); `_join` subscribes and
+    detaches with no await, so the stream starts at an event boundary. A client gone
+    before its stream started ends the handler as aiohttp ends it for a client that
+    left (cancelled): nothing is logged and nothing went wrong.
     """
+    hub = services.hub
     owned = False  # True once `release` belongs to the stream's end
     try:
+        target = admitted.target
         if hub.is_closing():
-            return await turn_away(request, target, extra_headers)
+            return await turn_away(request, target, admitted.headers)
+        # The client's address is at hand here (`admitted.client`) for the hub's per-client
+        # bound on the topics it may open.
         hub.admit(target)
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            # The client left before its stream began (a reconnect storm does this): nothing
-            # to send and nothing went wrong. A plain empty answer; aiohttp's write to the
-            # closed socket fails quietly. Raising was logged as a server error with a traceback.
-            return web.Response(status=204)
-        route = target.route
-        metrics = hub.metrics.route(route.name)
-        resp = web.StreamResponse(status=200, headers=SSE_HEADERS | extra_headers)
-        # One stream per connection: a closed stream means the connection is done.
-        resp.force_close()
-        if request.version >= (1, 1):
-            # Explicit, so the framing below is our decision, not an inference.
-            resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        # Drawn per connection, so clients cut off together come back spread over the range.
-        retry = (
-            encode_retry(random.randint(route.retry_ms, route.retry_max_ms))
-            if route.retry_ms
-            else b""
-        )
-        preamble = retry or encode_comment("ok")
-        # Through aiohttp so the buffered headers and the preamble leave in one write, now.
-        await resp.write(preamble)
-        metrics.bytes_written.inc(len(preamble))
-        if hub.is_closing() or not still_current():
+        metrics = hub.metrics.route(target.route.name)
+        opened = await _open(request, target, admitted.headers, metrics)
+        if opened is None:
+            raise _client_gone()
+        if hub.is_closing() or not admitted.still_current():
             # Shutdown began, or a reload changed the routes, while the preamble was written:
             # end now; the client comes back under whatever serves then.
-            return resp
-        if request.protocol.transport is None or transport.is_closing():
-            return resp  # gone while the preamble was written; aiohttp is ending this handler
-        downstream = Downstream(
-            transport,
-            chunked if resp.chunked else identity,
-            max_unsent_bytes=route.max_unsent_bytes,
-            write_timeout_seconds=route.write_timeout_seconds,
-            heartbeat_seconds=route.heartbeat_seconds,
-            goodbye=retry,
-            clock=hub.clock,
-            metrics=metrics,
-        )
-        downstream.own_bytes += len(preamble)
-        # No await from here on: the stream starts at an event boundary, and the socket
-        # cannot change hands half way.
-        try:
-            topic = hub.subscribe(target, downstream, last_event_id)
-        except TopicLimit:
-            # Others filled the route while this preamble was written: end the stream; the
-            # client retries after `retry:`.
-            metrics.closed["limit"].inc()
-            return resp
-        wheel.add(downstream)
-        metrics.opened.inc()
-        stream = _Stream(downstream, topic, target, hub, wheel, access, client, release)
-        owned = True
-        downstream.on_end(stream.ended)
-        if expires_at is not None:
-            # The grant ends with the client's token: close then, with a retry hint, so the
-            # client comes back with a fresh token and its Last-Event-ID.
-            stream.expiry = hub.clock.call_later(
-                max(0.0, expires_at - hub.clock.now()), lambda: downstream.close("auth")
-            )
-        _detach(request, transport, downstream)
+            return opened.response
+        owned = _join(request, opened, admitted, services, metrics)
+        if not owned:
+            return opened.response
     finally:
         if not owned:
-            release()
+            admitted.release()
     # aiohttp now holds nothing of this connection and has cancelled this handler, as it does
     # when a client leaves: end it the same way, so aiohttp writes and logs nothing.
     raise asyncio.CancelledError
+
+
+def _client_gone() -> asyncio.CancelledError:
+    """How a handler whose client left ends: aiohttp's own path for it, silent.
+
+    A 500 (what any other exception becomes) would log a traceback for a client
+    that merely hung up, as clients do in a reconnect storm.
+    """
+    return asyncio.CancelledError()
+
+
+async def _open(
+    request: web.Request, target: Target, headers: Mapping[str, str], metrics: RouteMetrics
+) -> _Opened | None:
+    """Send the response head and the preamble; None if the client left at any point.
+
+    The client may leave before this starts, while aiohttp prepares the response,
+    during the preamble's write, or just after it: a write to a closing transport
+    raises (how soon depends on the Python: from 3.12 aiohttp starts handlers
+    eagerly, before the loop has seen the client's reset), so every step is checked.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return None
+    route = target.route
+    resp = web.StreamResponse(status=200, headers=SSE_HEADERS | dict(headers))
+    # One stream per connection: a closed stream means the connection is done.
+    resp.force_close()
+    if request.version >= (1, 1):
+        # Explicit, so the framing below is our decision, not an inference.
+        resp.enable_chunked_encoding()
+    # Drawn per connection, so clients cut off together come back spread over the range.
+    retry = (
+        retry_line(random.randint(route.retry_ms, route.retry_max_ms)) if route.retry_ms else b""
+    )
+    preamble = OPENING + retry
+    try:
+        await resp.prepare(request)
+        # Through aiohttp so the buffered headers and the preamble leave in one write, now.
+        await resp.write(preamble)
+    except ConnectionError:
+        return None
+    metrics.bytes_written.inc(len(preamble))
+    if request.protocol.transport is None or transport.is_closing():
+        return None  # gone while the preamble was written
+    return _Opened(resp, transport, preamble, retry)
+
+
+def _join(
+    request: web.Request,
+    opened: _Opened,
+    admitted: Admitted,
+    services: Services,
+    metrics: RouteMetrics,
+) -> bool:
+    """Subscribe the opened stream and take its socket from aiohttp; False if the route is
+    full. No await: the stream starts at an event boundary, and the socket cannot change
+    hands half way."""
+    hub, target = services.hub, admitted.target
+    route = target.route
+    downstream = Downstream(
+        opened.transport,
+        chunked if opened.response.chunked else identity,
+        max_unsent_bytes=route.max_unsent_bytes,
+        write_timeout_seconds=route.write_timeout_seconds,
+        heartbeat_seconds=route.heartbeat_seconds,
+        goodbye=opened.goodbye,
+        clock=hub.clock,
+        metrics=metrics,
+    )
+    downstream.own_bytes += len(opened.preamble)
+    try:
+        # The hub's per-client topic bound will take `client=admitted.client` here.
+        topic = hub.subscribe(target, downstream, admitted.last_event_id)
+    except TopicLimit:
+        # Others filled the route while this preamble was written: end the stream; the
+        # client retries after `retry:`.
+        metrics.closed["limit"].inc()
+        return False
+    services.wheel.add(downstream)
+    metrics.opened.inc()
+    stream = _Stream(downstream, topic, admitted, services)
+    downstream.on_end(stream.ended)
+    expires_at = admitted.expires_at
+    if expires_at is not None:
+        # The grant ends with the client's token: close then, with a retry hint, so the
+        # client comes back with a fresh token and its Last-Event-ID.
+        stream.expiry = hub.clock.call_later(
+            max(0.0, expires_at - hub.clock.now()), lambda: downstream.close("auth")
+        )
+    _detach(request, opened.transport, downstream)
+    return True
 
 
 def _detach(request: web.Request, transport: asyncio.Transport, downstream: Downstream) -> None:
@@ -369,60 +466,38 @@ def _detach(request: web.Request, transport: asyncio.Transport, downstream: Down
 class _Stream:
     """What a stream's end must settle: the hub, the wheel, metrics, the log line, admission."""
 
-    __slots__ = (
-        "access",
-        "client",
-        "downstream",
-        "expiry",
-        "hub",
-        "release",
-        "started",
-        "target",
-        "topic",
-        "wheel",
-    )
+    __slots__ = ("admitted", "downstream", "expiry", "services", "started", "topic")
 
     def __init__(
-        self,
-        downstream: Downstream,
-        topic: Topic,
-        target: Target,
-        hub: Hub,
-        wheel: HeartbeatWheel,
-        access: AccessLog,
-        client: str,
-        release: Callable[[], None],
+        self, downstream: Downstream, topic: Topic, admitted: Admitted, services: Services
     ) -> None:
         self.downstream = downstream
         self.topic = topic
-        self.target = target
-        self.hub = hub
-        self.wheel = wheel
-        self.access = access
-        self.client = client
-        self.release = release
-        self.started = hub.clock.now()
+        self.admitted = admitted
+        self.services = services
+        self.started = services.hub.clock.now()
         self.expiry: Timer | None = None
 
     def ended(self) -> None:
-        downstream, hub = self.downstream, self.hub
+        downstream, hub = self.downstream, self.services.hub
         if self.expiry is not None:
             self.expiry.cancel()
-        self.wheel.discard(downstream)
+        self.services.wheel.discard(downstream)
         live_events, live_bytes = hub.unsubscribe(self.topic, downstream)
         outcome = downstream.outcome or "gone"
         seconds = hub.clock.now() - self.started
-        route = self.target.route
+        target = self.admitted.target
+        route = target.route
         metrics = hub.metrics.route(route.name)
         metrics.closed[outcome].inc()
         metrics.subscription_seconds.observe(seconds)
-        self.release()
-        self.access.write(
+        self.admitted.release()
+        self.services.access.write(
             "stream",
             {
                 "route": route.name,
-                "topic": self.target.upstream_url,
-                "client": self.client,
+                "topic": target.upstream_url,
+                "client": self.admitted.client,
                 "status": 200,
                 "seconds": round(seconds, 3),
                 "events": live_events + downstream.own_events,
