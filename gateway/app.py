@@ -167,7 +167,7 @@ def make_app(
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
         session = aiohttp.ClientSession(connector=connector, trust_env=False)
         client = upstreams if upstreams is not None else UpstreamClient(session, metrics, clock)
-        app[HUB] = Hub(client, clock, metrics)
+        app[HUB] = Hub(client, clock, metrics, config.limits)
         app[AUTHORIZER] = Authorizer(session, clock)
         app[SERVICES] = stream.Services(app[HUB], app[WHEEL], app[ACCESS])
         for route in config.routes:
@@ -399,6 +399,7 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
     settings.config = new
     settings.routes = RouteTable(new.routes)
     app[ADMISSION].update(new.limits)
+    app[HUB].limits = new.limits
     app[WHEEL].retune(HeartbeatWheel.tick_for([r.heartbeat_seconds for r in new.routes]))
     log_cors(new)
     unchanged = sum(1 for r in old.routes if routes.get(r.name) == r)

@@ -81,7 +81,11 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     async def start(*routes: dict[str, Any], port: int = 0, **sections: Any) -> Gateway:
         # Every test client is 127.0.0.1: per-address and rate limits are off unless a test
         # sets them.
-        limits = {"max_subscribers_per_client": 0, "max_connections_per_second": 0}
+        limits = {
+            "max_subscribers_per_client": 0,
+            "max_connections_per_second": 0,
+            "topic_opens_per_client_per_second": 0,
+        }
         sections.setdefault("server", {}).setdefault("shutdown_timeout_seconds", 2)
         # In-process there is no second listener: serve /metrics on the gateway's own port.
         sections.setdefault("metrics", {}).setdefault("listen", "")

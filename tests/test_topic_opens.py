@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -12,7 +13,8 @@ from gateway.core.route import RouteTable, Target
 from gateway.errors import ClientLimit, GatewayError, RateLimited, TopicLimit
 from gateway.metrics import Metrics
 
-from .support import FakeClock, FakeSubscriber, ScriptedUpstreams
+from .conftest import GatewayFactory, route_doc
+from .support import FakeClock, FakeSubscriber, ScriptedUpstreams, Upstream
 
 
 def setup(
@@ -179,3 +181,72 @@ async def test_direct_routes_and_unknown_clients_are_not_limited_per_client(
     for i in range(4):
         shared.subscribe(target(shared_table, f"n{i}"), FakeSubscriber())  # no client given
     assert len(shared.topics) == 4
+
+
+# Bounds of the attack over real sockets: whichever comes first.
+CYCLE_REQUESTS = 400
+CYCLE_SECONDS = 4.0
+
+
+async def _open_and_leave(port: int, path: str, local: str = "127.0.0.1") -> bytes:
+    """Start a stream on its own connection from `local`, read its status, and leave."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        return head.split()[1]
+    finally:
+        writer.close()
+
+
+async def test_one_address_cycling_topic_names_over_real_sockets_is_bounded(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    # The issue's done-when, through a real gateway: one address cycling topic names cannot
+    # push the route past half its max_topics nor open more than a few upstreams a second,
+    # and another address still gets new topics every time.
+    gw = await make_gateway(
+        route_doc(upstream, max_topics=16, linger_seconds=60),
+        limits={"topic_opens_per_client_per_second": 5},
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    statuses: dict[bytes, int] = {}
+    for i in range(CYCLE_REQUESTS):
+        if loop.time() - started > CYCLE_SECONDS:
+            break
+        status = await _open_and_leave(gw.port, f"/events/junk{i}")
+        statuses[status] = statuses.get(status, 0) + 1
+    elapsed = loop.time() - started
+    opened = len(upstream.connections)
+    # A burst of two seconds' worth, then the rate; and never more than half the route.
+    assert opened <= min(8, 10 + 5 * elapsed), (opened, elapsed, statuses)
+    assert gw.metric("sse_gateway_topics", route="r") <= 8
+    assert statuses.get(b"429", 0) > 0, statuses
+    others = [await _open_and_leave(gw.port, f"/events/other{i}", "127.0.0.2") for i in range(8)]
+    assert others == [b"200"] * 8
+    assert gw.metric("sse_gateway_topics", route="r") == opened + 8
+
+
+async def test_one_address_cycling_topic_names_over_real_sockets_opens_a_few_a_second(
+    upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    # A roomy route whose topics close at once: only the open rate stands between one address
+    # and an upstream connection per request.
+    gw = await make_gateway(
+        route_doc(upstream, max_topics=1000, linger_seconds=0),
+        limits={"topic_opens_per_client_per_second": 5},
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    sent = 0
+    while sent < CYCLE_REQUESTS and loop.time() - started < CYCLE_SECONDS:
+        await _open_and_leave(gw.port, f"/events/junk{sent}")
+        sent += 1
+    elapsed = loop.time() - started
+    assert sent > 40, "the attack was too slow to tell"
+    # Two seconds' worth of burst, then five a second.
+    assert len(upstream.connections) <= 10 + 5 * elapsed + 1, (len(upstream.connections), sent)
+    assert await _open_and_leave(gw.port, "/events/other", "127.0.0.2") == b"200"

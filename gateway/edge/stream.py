@@ -37,7 +37,7 @@ from aiohttp import web
 from ..core.hub import Hub
 from ..core.route import Target
 from ..core.topic import Framing, Topic
-from ..errors import TopicLimit
+from ..errors import ClientLimit, RateLimited, TopicLimit
 from ..metrics import RouteMetrics
 from ..sse import encode_comment, encode_retry
 from ..timing import Clock, Timer
@@ -329,9 +329,8 @@ async def serve(request: web.Request, admitted: Admitted, services: Services) ->
         target = admitted.target
         if hub.is_closing():
             return await turn_away(request, target, admitted.headers)
-        # The client's address is at hand here (`admitted.client`) for the hub's per-client
-        # bound on the topics it may open.
-        hub.admit(target)
+        # Before the response starts, so a refusal is a clean 503/429.
+        hub.admit(target, client=admitted.client)
         metrics = hub.metrics.route(target.route.name)
         opened = await _open(request, target, admitted.headers, metrics)
         if opened is None:
@@ -421,11 +420,10 @@ def _join(
     )
     downstream.own_bytes += len(opened.preamble)
     try:
-        # The hub's per-client topic bound will take `client=admitted.client` here.
-        topic = hub.subscribe(target, downstream, admitted.last_event_id)
-    except TopicLimit:
-        # Others filled the route while this preamble was written: end the stream; the
-        # client retries after `retry:`.
+        topic = hub.subscribe(target, downstream, admitted.last_event_id, client=admitted.client)
+    except (TopicLimit, ClientLimit, RateLimited):
+        # Others filled the route (or this client spent its topic opens) while this preamble
+        # was written: end the stream; the client retries after `retry:`.
         metrics.closed["limit"].inc()
         return False
     services.wheel.add(downstream)
