@@ -85,6 +85,7 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
             "max_subscribers_per_client": 0,
             "max_connections_per_second": 0,
             "topic_opens_per_client_per_second": 0,
+            "max_topic_share_per_client": 1.0,
         }
         sections.setdefault("server", {}).setdefault("shutdown_timeout_seconds", 2)
         # In-process there is no second listener: serve /metrics on the gateway's own port.

@@ -22,11 +22,12 @@ def setup(
     clock: FakeClock,
     metrics: Metrics,
     rate: float = 5.0,
+    share: float = 0.5,
     **route: Any,
 ) -> tuple[Hub, RouteTable]:
     doc = {
         "routes": [{"name": "r", "path": "/e/{t}", "upstream": "http://u/{t}", **route}],
-        "limits": {"topic_opens_per_client_per_second": rate},
+        "limits": {"topic_opens_per_client_per_second": rate, "max_topic_share_per_client": share},
     }
     config: GatewayConfig = from_document(doc, {})
     return Hub(upstreams, clock, metrics, config.limits), RouteTable(config.routes)
@@ -209,7 +210,7 @@ async def test_one_address_cycling_topic_names_over_real_sockets_is_bounded(
     # and another address still gets new topics every time.
     gw = await make_gateway(
         route_doc(upstream, max_topics=16, linger_seconds=60),
-        limits={"topic_opens_per_client_per_second": 5},
+        limits={"topic_opens_per_client_per_second": 5, "max_topic_share_per_client": 0.5},
     )
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -250,3 +251,15 @@ async def test_one_address_cycling_topic_names_over_real_sockets_opens_a_few_a_s
     # Two seconds' worth of burst, then five a second.
     assert len(upstream.connections) <= 10 + 5 * elapsed + 1, (len(upstream.connections), sent)
     assert await _open_and_leave(gw.port, "/events/other", "127.0.0.2") == b"200"
+
+
+async def test_a_share_of_one_lets_one_address_use_the_whole_route(
+    upstreams: ScriptedUpstreams, clock: FakeClock, metrics: Metrics
+) -> None:
+    # Behind a proxy that is not trusted every client is one address: the operator turns the
+    # per-client share off and the route's own cap is what remains.
+    hub, table = setup(upstreams, clock, metrics, rate=0, share=1.0, max_topics=4)
+    for i in range(4):
+        hub.subscribe(target(table, f"t{i}"), FakeSubscriber(), client="10.0.0.1")
+    with pytest.raises(TopicLimit):
+        hub.admit(target(table, "t4"), client="10.0.0.1")

@@ -33,7 +33,7 @@ from .routes import (
     read_defaults,
     read_route,
 )
-from .table import IPNetwork, Table, networks, non_negative, positive, readable
+from .table import IPNetwork, Table, fraction, networks, non_negative, positive, readable
 
 # Other modules import configuration from here alone; the names defined in
 # configtable, routeconfig and errors are re-exported explicitly (mypy --strict).
@@ -94,6 +94,9 @@ class LimitsConfig:
     header_timeout_seconds: float
     # Shared-mode topics (= upstream connections) one client address may open per second.
     topic_opens_per_client_per_second: float = 5.0
+    # The share of a route's max_topics that topics opened by one client address and joined by
+    # no other may hold; 1.0 = no per-client cap (behind a proxy not in trusted_proxies).
+    max_topic_share_per_client: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,7 @@ def from_document(doc: Mapping[str, Any], environ: Mapping[str, str]) -> Gateway
         topic_opens_per_client_per_second=limits.get(
             "topic_opens_per_client_per_second", float, 5.0, non_negative
         ),
+        max_topic_share_per_client=limits.get("max_topic_share_per_client", float, 0.5, fraction),
     )
     limits.finish()
 

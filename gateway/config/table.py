@@ -88,6 +88,10 @@ def non_negative(value: float) -> str | None:
     return None if value >= 0 and math.isfinite(value) else "must be 0 or greater"
 
 
+def fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be greater than 0 and at most 1"
+
+
 def readable(value: str) -> str | None:
     """An empty value means "not set"; any other must name a file this process can read."""
     if not value:

@@ -12,8 +12,8 @@
   upstream connection, so the hub remembers who opened each topic: opens
   per client address are rate-limited (a token bucket), and the topics a
   client opened that no other client has joined count against it, capped at
-  half the route's `max_topics`. Both answer 429; everyone else keeps the
-  other half. Direct routes are exempt: a direct topic is one client's own
+  a share of the route's `max_topics` (half by default). Both answer 429;
+  everyone else keeps the rest. Direct routes are exempt: a direct topic is one client's own
   stream, already bounded by the per-client stream limit.
 - Drain: streams end in jittered waves, so clients do not return at once; the
   drain is done after the last wave or as soon as no subscriber is left.
@@ -87,9 +87,10 @@ class Hub:
         """Raise if subscribing `client` to `target` would open a topic it may not open.
 
         TopicLimit (503): the route holds its maximum of topics. RateLimited (429): the client
-        opens topics too fast. ClientLimit (429): the client holds half the route's topics
-        that nobody else joined. Joining an open topic is never refused. Checked before a
-        response starts, so a refusal is a clean status; `subscribe` checks again.
+        opens topics too fast. ClientLimit (429): the client holds its share of the route's
+        topics that nobody else joined (`max_topic_share_per_client`). Joining an open topic
+        is never refused. Checked before a response starts, so a refusal is a clean status;
+        `subscribe` checks again.
         """
         if target.topic_key in self._topics:
             return
@@ -101,7 +102,10 @@ class Hub:
             )
         if client is None or route.mode == "direct":
             return
-        if self._solo.get((client, route.name), 0) >= math.ceil(route.max_topics / 2):
+        share = self.limits.max_topic_share_per_client if self.limits else 1.0
+        if share < 1.0 and self._solo.get((client, route.name), 0) >= math.ceil(
+            route.max_topics * share
+        ):
             wait = max(1, math.ceil(route.linger_seconds))
             raise ClientLimit(
                 f"this address holds its share of route {route.name!r}'s topics",
