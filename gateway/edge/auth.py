@@ -106,7 +106,9 @@ class Authorizer:
                 audience=cfg.audience,
                 issuer=cfg.issuer,
                 leeway=cfg.leeway_seconds,
-                options={"verify_aud": cfg.audience is not None, "require": ["exp"]},
+                # With no audience named, PyJWT refuses a token that carries one: a token
+                # minted for another service of the same issuer does not open this route.
+                options={"verify_aud": not cfg.allow_any_audience, "require": ["exp"]},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired", headers={"WWW-Authenticate": "Bearer"}) from None
