@@ -115,6 +115,55 @@ async def test_jwt_rules(
         assert upstream.connections == []
 
 
+@pytest.mark.parametrize(
+    ("case", "route", "claims", "status"),
+    [
+        # A token minted for another service must not open this one's streams: a route that
+        # names no audience refuses any token that names one, unless the route opts out.
+        ("aud on a route without audience", {}, {"aud": "other-service"}, 403),
+        ("aud list on a route without audience", {}, {"aud": ["other-service"]}, 403),
+        ("opted out", {"allow_any_audience": True}, {"aud": "other-service"}, 200),
+        ("no aud on a route without audience", {}, {}, 200),
+        ("matching audience", {"audience": "a"}, {"aud": "a"}, 200),
+        ("one of its audiences", {"audience": "a"}, {"aud": ["b", "a"]}, 200),
+        ("other audience", {"audience": "a"}, {"aud": "b"}, 403),
+        ("no aud on a route with audience", {"audience": "a"}, {}, 401),
+    ],
+)
+async def test_a_token_for_another_audience_is_refused(
+    case: str,
+    route: dict[str, Any],
+    claims: dict[str, Any],
+    status: int,
+    upstream: Upstream,
+    make_gateway: GatewayFactory,
+    session: aiohttp.ClientSession,
+) -> None:
+    gw = await make_gateway(jwt_route(upstream, **route))
+    bearer = {"Authorization": f"Bearer {token(**claims)}"}
+    assert await status_of(session, gw.url("/events/news"), headers=bearer) == status, case
+    if status != 200:
+        assert upstream.connections == []
+
+
+def test_allow_any_audience_contradicts_a_named_audience() -> None:
+    doc = {
+        "routes": [
+            {
+                "path": "/e/{t}",
+                "upstream": "http://u/{t}",
+                "auth": {"type": "jwt", "key": "k", "audience": "a", "allow_any_audience": True},
+            }
+        ]
+    }
+    with pytest.raises(ConfigError) as info:
+        from_document(doc, {})
+    assert info.value.problems == [
+        "routes[0].auth.allow_any_audience: the route names an audience; "
+        "remove one of audience and allow_any_audience"
+    ]
+
+
 async def test_token_from_cookie_or_opt_in_query_parameter(
     upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
 ) -> None:

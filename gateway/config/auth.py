@@ -36,6 +36,9 @@ class JwtConfig:
     jwks_url: str | None
     jwks_cache_seconds: float
     audience: str | None
+    # A token that names an audience is refused on a route that names none, unless this is
+    # set: without it a token minted for any other service of the same issuer would do.
+    allow_any_audience: bool
     issuer: str | None
     leeway_seconds: float
     topics_claim: str
@@ -135,12 +138,20 @@ def read_auth(table: Table, environ: Mapping[str, str]) -> AuthConfig:
         _check_plain_http(table, "jwks_url", jwks_url)
         if key is None and jwks_url is None and "key" not in table.data:
             table.problem("key", "a jwt route needs a key or a jwks_url")
+        audience = table.get("audience", str, "") or None
+        allow_any_audience = table.get("allow_any_audience", bool, False)
+        if audience is not None and allow_any_audience:
+            table.problem(
+                "allow_any_audience",
+                "the route names an audience; remove one of audience and allow_any_audience",
+            )
         jwt = JwtConfig(
             algorithms=algorithms,
             key=key,
             jwks_url=jwks_url,
             jwks_cache_seconds=table.get("jwks_cache_seconds", float, 300.0),
-            audience=table.get("audience", str, "") or None,
+            audience=audience,
+            allow_any_audience=allow_any_audience,
             issuer=table.get("issuer", str, "") or None,
             leeway_seconds=table.get("leeway_seconds", float, 5.0),
             topics_claim=table.get("topics_claim", str, "topics"),

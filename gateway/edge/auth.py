@@ -18,6 +18,12 @@ forward-auth decisions are cached under a hash of the forwarded headers.
   that status. Decisions are cached per (route, topic, credential) for
   `cache_seconds`, and concurrent identical checks share one request.
 
+Everything a client or an auth backend sends ends as a `GatewayError`, never a
+traceback: a token that is not a compact JWS or whose header and claims have odd
+types (401), a topic or header that cannot travel in a header to the forward-auth
+backend (400), a JWKS answer that is not a usable key set, oversize or nested too
+deep, or a forward-auth answer that is not a decision (503, one warning line).
+
 A topic's name for authorization is its path parameters joined with "/"
 (`news` for `/events/{topic}`, `acme/general` for `/teams/{team}/{channel}`),
 followed by the route's allow-listed query parameters when present
@@ -31,18 +37,21 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
+import re
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
 import jwt
-from aiohttp import web
 
 from ..config.auth import ForwardAuthConfig, JwtConfig
 from ..core.route import Target
-from ..errors import AuthDenied, AuthUnavailable, Unauthorized
+from ..errors import AuthDenied, AuthUnavailable, BadRequest, Unauthorized
 from ..timing import Clock
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,46 @@ JWKS_TIMEOUT_SECONDS = 5.0
 JWKS_MIN_REFRESH_SECONDS = 10.0
 # Forward-auth decisions kept: one per live (route, topic, credential); oldest evicted.
 FORWARD_CACHE_ENTRIES = 10_000
+# Real key sets are a few KiB (a handful of keys, certificate chains included); a body far
+# larger is a broken or hostile identity provider, and it would be held in memory whole.
+JWKS_MAX_BYTES = 256 * 1024
+# A grant is cut to this: a token that claims to live for centuries (or for 10**400
+# seconds, which no float holds) still gets a stream, ended and renewed like any other.
+MAX_GRANT_SECONDS = 366 * 86400.0
+
+# A compact JWS is base64url segments and dots; anything else (non-ASCII, the surrogate
+# escapes aiohttp makes of bytes that are not UTF-8) is refused before PyJWT sees it.
+_TOKEN = re.compile(r"[A-Za-z0-9_.=-]+")
+# What can travel as a header value unchanged: no control character (HTAB inside only) and
+# no space at either end, which a backend would trim and then decide on another topic.
+_HEADER_VALUE = re.compile(
+    r"(?:[^\x00-\x20\x7f]"  # first: neither space nor control character
+    r"(?:[^\x00-\x08\x0a-\x1f\x7f]*"  # inside: spaces and HTAB too
+    r"[^\x00-\x20\x7f])?)?"  # last: as the first; or the value is empty
+)
+
+
+class AuthRequest(Protocol):
+    """What auth reads of a request; aiohttp's `web.Request` is one.
+
+    Only these, so a listener-neutral request head can be checked the same way.
+    """
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def cookies(self) -> Mapping[str, str]: ...
+
+    @property
+    def query(self) -> Mapping[str, str]: ...
+
+    @property
+    def raw_path(self) -> str: ...
+
+
+class JwksError(ValueError):
+    """A JWKS document (or answer) the gateway cannot take keys from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +132,7 @@ class Authorizer:
         self._forward_cache: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
         self._inflight: dict[tuple[str, str, str], asyncio.Task[tuple[int, bool]]] = {}
 
-    async def check(self, request: web.Request, target: Target) -> Grant:
+    async def check(self, request: AuthRequest, target: Target) -> Grant:
         auth = target.route.auth
         if auth.jwt is not None:
             return await self._check_jwt(request, target, auth.jwt)
@@ -93,29 +142,12 @@ class Authorizer:
 
     # --- jwt -------------------------------------------------------------------------
 
-    async def _check_jwt(self, request: web.Request, target: Target, cfg: JwtConfig) -> Grant:
+    async def _check_jwt(self, request: AuthRequest, target: Target, cfg: JwtConfig) -> Grant:
         token = _token(request, cfg)
         if token is None:
             raise Unauthorized("a token is required", headers={"WWW-Authenticate": "Bearer"})
-        try:
-            key = await self._key_for(token, cfg)
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=list(cfg.algorithms),
-                audience=cfg.audience,
-                issuer=cfg.issuer,
-                leeway=cfg.leeway_seconds,
-                options={"verify_aud": cfg.audience is not None, "require": ["exp"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized("token expired", headers={"WWW-Authenticate": "Bearer"}) from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthorized("token not yet valid") from None
-        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
-            raise AuthDenied(f"token not for this service: {type(exc).__name__}") from None
-        except jwt.PyJWTError as exc:
-            raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+        key = await self._key_for(token, cfg)
+        claims = verify_token(token, key, cfg)
         patterns = claims.get(cfg.topics_claim)
         topic = topic_name(target)
         if isinstance(patterns, str):
@@ -124,16 +156,13 @@ class Authorizer:
             isinstance(p, str) and fnmatch.fnmatchcase(topic, p) for p in patterns
         ):
             raise AuthDenied("this token may not subscribe to this topic")
-        # Until exp plus the same leeway the check allowed, so a token accepted within its
-        # leeway still gets a stream instead of one that ends at once.
-        seconds_left = float(claims["exp"]) + cfg.leeway_seconds - time.time()
-        return Grant(expires_at=self._clock.now() + max(1.0, seconds_left))
+        return Grant(expires_at=self._clock.now() + seconds_left(claims, cfg, time.time()))
 
     async def _key_for(self, token: str, cfg: JwtConfig) -> str | jwt.PyJWK:
         if cfg.jwks_url is None:
             assert cfg.key is not None  # config requires a key or a jwks_url
             return cfg.key
-        kid = jwt.get_unverified_header(token).get("kid")
+        kid = token_kid(token)
         keys = await self._jwks_keys(cfg, refresh=False)
         if kid not in keys:
             keys = await self._jwks_keys(cfg, refresh=True)
@@ -141,7 +170,7 @@ class Authorizer:
             return keys[kid]
         if kid is None and len(keys) == 1:
             return next(iter(keys.values()))
-        raise jwt.InvalidKeyError("no JWKS key for this token")
+        raise Unauthorized("invalid token: no JWKS key for this token")
 
     async def _jwks_keys(self, cfg: JwtConfig, refresh: bool) -> dict[str, jwt.PyJWK]:
         url = cfg.jwks_url
@@ -172,11 +201,14 @@ class Authorizer:
         try:
             timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT_SECONDS)
             async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
-                resp.raise_for_status()
-                document = json.loads(await resp.read())
-            keys = _usable_keys(document)
-        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
-            log.warning("JWKS fetch from %s failed: %s", url, type(exc).__name__)
+                if resp.status != 200:
+                    raise JwksError(f"status {resp.status}")
+                body = await _read_at_most(resp, JWKS_MAX_BYTES)
+            keys = usable_keys(json.loads(body))
+        # RecursionError: json refuses a document nested deeper than the interpreter's stack.
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            why = str(exc) if isinstance(exc, JwksError) else type(exc).__name__
+            log.warning("JWKS fetch from %s failed: %s", url, why)
             if cached is not None:
                 return cached[1]  # keep serving with the keys we had
             raise AuthUnavailable(
@@ -188,10 +220,17 @@ class Authorizer:
     # --- forward -----------------------------------------------------------------------
 
     async def _check_forward(
-        self, request: web.Request, target: Target, cfg: ForwardAuthConfig
+        self, request: AuthRequest, target: Target, cfg: ForwardAuthConfig
     ) -> Grant:
         topic = topic_name(target)
+        if not _HEADER_VALUE.fullmatch(topic):
+            # A route pattern may admit what no header can carry (aiohttp's client refuses
+            # CR, LF and NUL); the backend must decide on exactly the topic served.
+            raise BadRequest("this topic cannot be sent to the auth backend")
         forwarded = {h: request.headers[h] for h in cfg.headers if h in request.headers}
+        uri = request.raw_path.partition("?")[0]
+        if not all(_HEADER_VALUE.fullmatch(v) for v in (uri, *forwarded.values())):
+            raise BadRequest("a request header cannot be sent to the auth backend")
         credential = hashlib.sha256(json.dumps(sorted(forwarded.items())).encode()).hexdigest()
         key = (target.route.name, topic, credential)
         cached = self._forward_cache.get(key)
@@ -202,7 +241,6 @@ class Authorizer:
         # that leaves cancels only its own wait, never the answer the others are waiting for.
         task = self._inflight.get(key)
         if task is None:
-            uri = request.raw_path.partition("?")[0]
             task = asyncio.create_task(self._ask(target, cfg, forwarded, topic, uri))
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._settle(key, t, cfg.cache_seconds))
@@ -243,7 +281,7 @@ class Authorizer:
             async with self._session.get(
                 cfg.url, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
-                return resp.status, True
+                status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("auth backend %s: %s", cfg.url, type(exc).__name__)
             if cfg.fail_open:
@@ -251,13 +289,108 @@ class Authorizer:
             raise AuthUnavailable(
                 "authorization is unavailable", headers={"Retry-After": "5"}
             ) from None
+        if not (200 <= status < 300 or status in (401, 403)):
+            log.warning("auth backend %s answered %s", cfg.url, status)
+        return status, True
 
 
-def _usable_keys(document: object) -> dict[str, jwt.PyJWK]:
-    """The keys of a JWKS document; a set with no usable key is valid and simply empty."""
-    if isinstance(document, dict) and document.get("keys") == []:
-        return {}
-    return {k.key_id or "": k for k in jwt.PyJWKSet.from_dict(document).keys}  # type: ignore[arg-type]
+def verify_token(token: str, key: str | jwt.PyJWK, cfg: JwtConfig) -> dict[str, Any]:
+    """The token's claims once PyJWT's checks pass; any token that fails is a GatewayError."""
+    if not _TOKEN.fullmatch(token):
+        raise Unauthorized("invalid token: malformed")
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=list(cfg.algorithms),
+            audience=cfg.audience,
+            issuer=cfg.issuer,
+            leeway=cfg.leeway_seconds,
+            # With no audience named, PyJWT refuses a token that carries one: a token
+            # minted for another service of the same issuer does not open this route.
+            options={"verify_aud": not cfg.allow_any_audience, "require": ["exp"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("token expired", headers={"WWW-Authenticate": "Bearer"}) from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthorized("token not yet valid") from None
+    except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+        raise AuthDenied(f"token not for this service: {type(exc).__name__}") from None
+    except jwt.PyJWTError as exc:
+        raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+    return claims
+
+
+def token_kid(token: str) -> str | None:
+    """The `kid` a token names, unverified: only to pick the JWKS key to verify it with."""
+    if not _TOKEN.fullmatch(token):
+        raise Unauthorized("invalid token: malformed")
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError as exc:
+        raise Unauthorized(f"invalid token: {type(exc).__name__}") from None
+    if kid is not None and not isinstance(kid, str):
+        raise Unauthorized("invalid token: kid is not a string")
+    return kid
+
+
+def seconds_left(claims: Mapping[str, Any], cfg: JwtConfig, now: float) -> float:
+    """How long the grant of a verified token lasts: until `exp` plus the leeway it was
+    checked with, so a token accepted within its leeway gets a stream that does not end at
+    once; at least a second, at most MAX_GRANT_SECONDS."""
+    try:
+        exp = int(claims["exp"])  # as PyJWT read it; it may be an int no float holds
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise Unauthorized("invalid token: exp") from None
+    whole = exp - math.floor(now)  # in ints: 10**400 - now must not overflow
+    if whole > MAX_GRANT_SECONDS:
+        return MAX_GRANT_SECONDS
+    return max(1.0, whole - (now - math.floor(now)) + cfg.leeway_seconds)
+
+
+def usable_keys(document: object) -> dict[str, jwt.PyJWK]:
+    """The keys of a JWKS document by kid; a set with no keys is valid and simply empty.
+
+    Keys this gateway cannot load are skipped, as PyJWT's own `PyJWKSet` does (a provider
+    may publish key types it does not need); a set of only such keys is an error.
+    """
+    if not isinstance(document, dict):
+        raise JwksError("not a JSON object")
+    entries = document.get("keys")
+    if not isinstance(entries, list):
+        raise JwksError('"keys" is not a list')
+    keys: dict[str, jwt.PyJWK] = {}
+    for entry in entries:
+        key = _jwk(entry)
+        if key is not None:
+            keys[key.key_id or ""] = key
+    if entries and not keys:
+        raise JwksError("none of its keys can be used")
+    return keys
+
+
+def _jwk(entry: object) -> jwt.PyJWK | None:
+    # PyJWK raises more than its own errors: a list where a string belongs is a TypeError
+    # (it looks fields up in dicts and sets), an "oct" key without "k" a KeyError.
+    if not isinstance(entry, dict) or any(
+        not isinstance(entry.get(name, ""), str) for name in ("kty", "alg", "kid", "crv")
+    ):
+        return None
+    try:
+        return jwt.PyJWK(entry)
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+        return None
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise JwksError(f"over {limit} bytes")
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > limit:  # counted after decompression: no gzip bomb either
+            raise JwksError(f"over {limit} bytes")
+    return bytes(body)
 
 
 def _forward_decision(status: int) -> Grant:
@@ -270,7 +403,7 @@ def _forward_decision(status: int) -> Grant:
     raise AuthUnavailable("authorization is unavailable", headers={"Retry-After": "5"})
 
 
-def _token(request: web.Request, cfg: JwtConfig) -> str | None:
+def _token(request: AuthRequest, cfg: JwtConfig) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
