@@ -261,7 +261,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     try:
         # Auth still reads the aiohttp request (headers, cookies, query, path): see
         # edge/head.py for the head it would take instead.
-        grant = await app[AUTHORIZER].check(request, target)
+        grant = await app[AUTHORIZER].check(head, target)
         if route.mode == "direct":
             # The client's own upstream request carries its Last-Event-ID: no replay here.
             target, last_event_id = direct_target(head, target, last_event_id, client), None

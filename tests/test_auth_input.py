@@ -13,8 +13,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -23,6 +22,7 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -31,6 +31,7 @@ from gateway.config import from_document
 from gateway.config.auth import JwtConfig
 from gateway.core.route import RouteTable
 from gateway.edge import auth
+from gateway.edge.head import RequestHead
 from gateway.errors import BadRequest, GatewayError
 from gateway.metrics import Metrics
 
@@ -177,14 +178,18 @@ async def test_a_topic_that_cannot_be_a_header_value_gets_400_not_a_traceback(
         assert len(rejected(caplog, 400)) == 1
 
 
-@dataclass(frozen=True)
-class Head:
-    """A request head as a listener other than aiohttp's would build it: what auth reads."""
-
-    headers: Mapping[str, str]
-    raw_path: str = "/events/news"
-    query: Mapping[str, str] = field(default_factory=dict)
-    cookies: Mapping[str, str] = field(default_factory=dict)
+def Head(headers: dict[str, str]) -> RequestHead:
+    """A request head as a listener other than aiohttp's would build it."""
+    return RequestHead(
+        method="GET",
+        raw_path="/events/news",
+        query=(),
+        headers=CIMultiDictProxy(CIMultiDict(headers)),
+        peer="127.0.0.1",
+        tls=False,
+        scheme="http",
+        host="x",
+    )
 
 
 @pytest.mark.parametrize("value", ["a\x00b", "a\nb", "a\x01b"])

@@ -83,22 +83,22 @@ _HEADER_VALUE = re.compile(
 
 
 class AuthRequest(Protocol):
-    """What auth reads of a request; aiohttp's `web.Request` is one.
+    """What auth reads of a request: `head.RequestHead` is one, whatever the listener.
 
-    Only these, so a listener-neutral request head can be checked the same way.
+    Only these, so every listener's requests are checked the same way.
     """
 
     @property
     def headers(self) -> Mapping[str, str]: ...
 
     @property
-    def cookies(self) -> Mapping[str, str]: ...
+    def path(self) -> str:
+        """The raw path without its query string (which may carry a token)."""
+        ...
 
-    @property
-    def query(self) -> Mapping[str, str]: ...
+    def cookie(self, name: str) -> str | None: ...
 
-    @property
-    def raw_path(self) -> str: ...
+    def query_value(self, name: str) -> str | None: ...
 
 
 class JwksError(ValueError):
@@ -228,7 +228,7 @@ class Authorizer:
             # CR, LF and NUL); the backend must decide on exactly the topic served.
             raise BadRequest("this topic cannot be sent to the auth backend")
         forwarded = {h: request.headers[h] for h in cfg.headers if h in request.headers}
-        uri = request.raw_path.partition("?")[0]
+        uri = request.path
         if not all(_HEADER_VALUE.fullmatch(v) for v in (uri, *forwarded.values())):
             raise BadRequest("a request header cannot be sent to the auth backend")
         credential = hashlib.sha256(json.dumps(sorted(forwarded.items())).encode()).hexdigest()
@@ -408,8 +408,8 @@ def _token(request: AuthRequest, cfg: JwtConfig) -> str | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    if cfg.cookie and cfg.cookie in request.cookies:
-        return request.cookies[cfg.cookie]
-    if cfg.query_param and cfg.query_param in request.query:
-        return request.query[cfg.query_param]
+    if cfg.cookie and (cookie := request.cookie(cfg.cookie)) is not None:
+        return cookie
+    if cfg.query_param:
+        return request.query_value(cfg.query_param)
     return None

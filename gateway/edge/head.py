@@ -52,6 +52,22 @@ class RequestHead:
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
 
+    def cookie(self, name: str) -> str | None:
+        """A cookie's value from the Cookie headers (HTTP/2 may send several), or None.
+
+        Parsed as browsers send it (`a=1; b=2`), values unquoted as aiohttp does; a
+        malformed pair is skipped rather than failing the whole header.
+        """
+        for header in self.headers.getall("Cookie", []):
+            for pair in header.split(";"):
+                key, sep, value = pair.strip().partition("=")
+                if sep and key == name:
+                    value = value.strip()
+                    if len(value) >= 2 and value[0] == value[-1] == '"':
+                        value = value[1:-1]
+                    return value
+        return None
+
     def query_value(self, name: str) -> str | None:
         """The first value of a query parameter, as `request.query.get` gives it."""
         for key, value in self.query:
