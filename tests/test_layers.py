@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "tls": {"config"},
     "config": {"config.table", "errors", "config.routes"},
     "config.dump": {"config", "config.routes"},
-    "edge.auth": {"config.auth", "errors", "core.route", "timing"},
+    "edge.auth": {"config.auth", "errors", "core.route", "timing", "edge.jwks"},
     "core.route": {"config", "errors"},
     "edge.heartbeat": {"timing"},
     "core.ring": set(),
@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "core.hub": {"config", "errors", "metrics", "core.route", "timing", "core.topic"},
     "upstream.client": {"metrics", "core.route", "sse", "timing", "tls", "core.topic"},
     "edge.accesslog": set(),
+    "edge.jwks": set(),
     "edge.stream": {
         "edge.accesslog",
         "errors",

@@ -53,19 +53,15 @@ from ..config.auth import ForwardAuthConfig, JwtConfig
 from ..core.route import Target
 from ..errors import AuthDenied, AuthUnavailable, BadRequest, Unauthorized
 from ..timing import Clock
+from .jwks import JwksError, fetch_keys
 
 log = logging.getLogger(__name__)
 
-# A JWKS fetch that takes longer than this holds up subscribers; fail it instead.
-JWKS_TIMEOUT_SECONDS = 5.0
 # An unknown kid (or a failed fetch) triggers a refresh at most this often: a junk-kid
 # flood costs one fetch per interval, not one per request.
 JWKS_MIN_REFRESH_SECONDS = 10.0
 # Forward-auth decisions kept: one per live (route, topic, credential); oldest evicted.
 FORWARD_CACHE_ENTRIES = 10_000
-# Real key sets are a few KiB (a handful of keys, certificate chains included); a body far
-# larger is a broken or hostile identity provider, and it would be held in memory whole.
-JWKS_MAX_BYTES = 256 * 1024
 # A grant is cut to this: a token that claims to live for centuries (or for 10**400
 # seconds, which no float holds) still gets a stream, ended and renewed like any other.
 MAX_GRANT_SECONDS = 366 * 86400.0
@@ -99,10 +95,6 @@ class AuthRequest(Protocol):
     def cookie(self, name: str) -> str | None: ...
 
     def query_value(self, name: str) -> str | None: ...
-
-
-class JwksError(ValueError):
-    """A JWKS document (or answer) the gateway cannot take keys from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +191,7 @@ class Authorizer:
         self._jwks_tried[url] = now
         cached = self._jwks.get(url)
         try:
-            timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT_SECONDS)
-            async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    raise JwksError(f"status {resp.status}")
-                body = await _read_at_most(resp, JWKS_MAX_BYTES)
-            keys = usable_keys(json.loads(body))
+            keys = await fetch_keys(self._session, url)
         # RecursionError: json refuses a document nested deeper than the interpreter's stack.
         except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             why = str(exc) if isinstance(exc, JwksError) else type(exc).__name__
@@ -346,51 +333,6 @@ def seconds_left(claims: Mapping[str, Any], cfg: JwtConfig, now: float) -> float
     if whole > MAX_GRANT_SECONDS:
         return MAX_GRANT_SECONDS
     return max(1.0, whole - (now - math.floor(now)) + cfg.leeway_seconds)
-
-
-def usable_keys(document: object) -> dict[str, jwt.PyJWK]:
-    """The keys of a JWKS document by kid; a set with no keys is valid and simply empty.
-
-    Keys this gateway cannot load are skipped, as PyJWT's own `PyJWKSet` does (a provider
-    may publish key types it does not need); a set of only such keys is an error.
-    """
-    if not isinstance(document, dict):
-        raise JwksError("not a JSON object")
-    entries = document.get("keys")
-    if not isinstance(entries, list):
-        raise JwksError('"keys" is not a list')
-    keys: dict[str, jwt.PyJWK] = {}
-    for entry in entries:
-        key = _jwk(entry)
-        if key is not None:
-            keys[key.key_id or ""] = key
-    if entries and not keys:
-        raise JwksError("none of its keys can be used")
-    return keys
-
-
-def _jwk(entry: object) -> jwt.PyJWK | None:
-    # PyJWK raises more than its own errors: a list where a string belongs is a TypeError
-    # (it looks fields up in dicts and sets), an "oct" key without "k" a KeyError.
-    if not isinstance(entry, dict) or any(
-        not isinstance(entry.get(name, ""), str) for name in ("kty", "alg", "kid", "crv")
-    ):
-        return None
-    try:
-        return jwt.PyJWK(entry)
-    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
-        return None
-
-
-async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise JwksError(f"over {limit} bytes")
-    body = bytearray()
-    async for chunk in resp.content.iter_any():
-        body += chunk
-        if len(body) > limit:  # counted after decompression: no gzip bomb either
-            raise JwksError(f"over {limit} bytes")
-    return bytes(body)
 
 
 def _forward_decision(status: int) -> Grant:
