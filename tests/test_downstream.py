@@ -22,8 +22,8 @@ from .conftest import GatewayFactory, route_doc
 from .support import LogWatcher, Upstream, connect, events, raw_request
 
 HEARTBEAT = b": heartbeat\n\n"
-# The preamble as a chunk: a comment and the retry hint, in a block left open.
-PREAMBLE_CHUNK = b"11\r\n: ok\nretry: 3000\n\r\n"
+# The preamble as a chunk: a comment and the retry hint, one block.
+PREAMBLE_CHUNK = b"12\r\n: ok\nretry: 3000\n\n\r\n"
 
 
 async def _stalled_reader(
@@ -91,10 +91,9 @@ async def test_heartbeats_never_split_an_event(
         await client.wait_for(lambda c, n=beats: bytes(c.raw).count(HEARTBEAT) > n)
         await upstream.send("mixed", b"data: line two\n\n")
         await client.wait_events(i + 1)
-    # The preamble's open block is completed by whatever comes first (event or heartbeat).
-    assert bytes(client.raw).startswith(b": ok\nretry: 3000\n")
-    blocks = bytes(client.raw).removeprefix(b": ok\nretry: 3000\n").split(b"\n\n")
-    for block in blocks[1:-1]:
+    assert bytes(client.raw).startswith(b": ok\nretry: 3000\n\n")
+    blocks = bytes(client.raw).removeprefix(b": ok\nretry: 3000\n\n").split(b"\n\n")
+    for block in blocks[:-1]:
         lines = block.split(b"\n")
         assert lines == [b": heartbeat"] or not any(line.startswith(b":") for line in lines), block
     assert [e.data for e in client.events] == ["line one\nline two"] * 5
@@ -114,7 +113,7 @@ async def test_http10_client_gets_an_unframed_stream(
     await upstream.wait_open("old")
     await upstream.publish("old", *events("old", 1, 1))
     body = await asyncio.wait_for(reader.readuntil(b"data: old 1 \n\n"), 5)
-    assert body == b": ok\nretry: 3000\nid: 1\ndata: old 1 \n\n"
+    assert body == b": ok\nretry: 3000\n\nid: 1\ndata: old 1 \n\n"
     writer.close()
 
 
@@ -131,7 +130,7 @@ async def test_chunked_stream_frames_whole_batches(
     body = await asyncio.wait_for(reader.readuntil(b"data: c 3 \n\n\r\n"), 5)
     payload = b"id: 1\ndata: c 1 \n\nid: 2\ndata: c 2 \n\nid: 3\ndata: c 3 \n\n"
     # One upstream read of three events is one chunk: one write per subscriber.
-    assert body == b"11\r\n: ok\nretry: 3000\n\r\n" + b"%x\r\n" % len(payload) + payload + b"\r\n"
+    assert body == PREAMBLE_CHUNK + b"%x\r\n" % len(payload) + payload + b"\r\n"
     writer.close()
 
 
@@ -252,7 +251,7 @@ async def _raw_stream(port: int, path: str) -> tuple[asyncio.StreamReader, async
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
-        assert await reader.readuntil(b"retry: 3000\n\r\n") == PREAMBLE_CHUNK
+        assert await reader.readuntil(b"retry: 3000\n\n\r\n") == PREAMBLE_CHUNK
     return reader, writer
 
 
@@ -438,11 +437,12 @@ def _dechunk(wire: bytes) -> bytes:
     return body
 
 
-async def test_the_preamble_and_the_goodbye_add_no_block_of_their_own(
+async def test_the_preamble_is_one_block_and_the_goodbye_adds_none(
     upstream: Upstream, make_gateway: GatewayFactory
 ) -> None:
-    """Browsers take `retry:` when they parse its line; httpx-sse dispatches any block that
-    holds a retry and fetch-event-source every block, so neither may end in a blank line."""
+    """The preamble is one block (a client knows it is subscribed); the goodbye's `retry:` is
+    taken by browsers when they parse its line and, left unterminated, dispatches nothing in
+    clients that dispatch any block holding a retry (httpx-sse) or any block at all."""
     gw = await make_gateway(route_doc(upstream, linger_seconds=0))
     reader, writer = await _raw_stream(gw.port, "/events/pre")
     await upstream.wait_open("pre")
@@ -453,10 +453,11 @@ async def test_the_preamble_and_the_goodbye_add_no_block_of_their_own(
         rest = await reader.read()
     writer.close()
     body = _dechunk(PREAMBLE_CHUNK + first + rest)
-    assert body == b": ok\nretry: 3000\nid: 1\ndata: pre 1 \n\nretry: 3000\n"
+    assert body == b": ok\nretry: 3000\n\nid: 1\ndata: pre 1 \n\nretry: 3000\n"
     parser = Parser()
     assert parser.feed(body) == events("pre", 1, 1)
     parser.close()
     assert parser.retry_ms == 3000
-    # One blank line: the event's. Nothing else dispatches, in any client.
-    assert body.count(b"\n\n") == 1
+    # Two blank lines: the preamble's and the event's; the goodbye ends no block.
+    assert body.count(b"\n\n") == 2
+    assert body.endswith(b"\n\nretry: 3000\n")

@@ -76,7 +76,7 @@ async def test_response_headers_and_preamble_are_flushed_before_any_event(
     assert "Content-Length" not in headers
     assert "Content-Encoding" not in headers
     # No event was published: the preamble alone must already have arrived.
-    await client.wait_for(lambda c: bytes(c.raw) == b": ok\nretry: 2500\n")
+    await client.wait_for(lambda c: bytes(c.raw) == b": ok\nretry: 2500\n\n")
     assert client.parser.retry_ms == 2500
     client.close()
 

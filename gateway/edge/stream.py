@@ -14,14 +14,16 @@ A stream ends when the hub closes it, when it is cut off as slow, or when the
 socket reports the client gone (`connection_lost`); its bookkeeping (hub,
 wheel, metrics, access log, admission) runs once, on the next loop turn.
 
-The preamble (`: ok` and the `retry:` hint) and the goodbye (`retry:`) are
-lines of a block the gateway leaves open: the next block written (the first
-event, a heartbeat) completes it, or the end of the stream discards it.
-Browsers apply `retry:` as soon as they parse the line (WHATWG "event stream
-interpretation"); a blank line after it would dispatch an empty message in
+The preamble is one block, `: ok` and the `retry:` hint, ended by its blank
+line so a client (or a test) knows at once that it is subscribed and every
+later event starts a block of its own. Browsers dispatch nothing for it;
 clients that dispatch any block holding a `retry` (httpx-sse) or any block at
-all (@microsoft/fetch-event-source). A comment or `retry:` line in a block is
-harmless to every parser, so the events that follow arrive unchanged.
+all (@microsoft/fetch-event-source, for heartbeats too) see one empty message,
+which the README's client guide tells them to skip. The goodbye written when
+the gateway ends a stream (`retry:` alone) is left unterminated: browsers
+apply `retry:` as soon as they parse the line (WHATWG "event stream
+interpretation"), and the end of the stream discards the open block, so no
+client sees an empty message there.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from .heartbeat import HeartbeatWheel
 log = logging.getLogger(__name__)
 
 HEARTBEAT = encode_comment("heartbeat")
-# The first line of every stream, in the block the preamble leaves open (see above).
+# The first line of every stream, in the preamble's block (see above).
 OPENING = b": ok\n"
 # asyncio's and uvloop's default write high-water mark: past it aiohttp's write_eof waits for
 # the client to drain, so a stream ended with more than this queued is aborted instead.
@@ -62,7 +64,7 @@ SSE_HEADERS = {
 
 
 def retry_line(ms: int) -> bytes:
-    """A `retry:` line that leaves its block open: no blank line after it (see above)."""
+    """A `retry:` line with no blank line after it: the caller ends the block, or the stream."""
     return encode_retry(ms).removesuffix(b"\n")
 
 
@@ -383,7 +385,7 @@ async def _open(
     retry = (
         retry_line(random.randint(route.retry_ms, route.retry_max_ms)) if route.retry_ms else b""
     )
-    preamble = OPENING + retry
+    preamble = OPENING + retry + b"\n"
     try:
         await resp.prepare(request)
         # Through aiohttp so the buffered headers and the preamble leave in one write, now.
