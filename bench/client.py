@@ -410,8 +410,10 @@ class SSEConnection(asyncio.Protocol):
                     await self.ready
             except (OSError, TimeoutError, StreamFailure) as exc:
                 self.load.reopen_failures[type(exc).__name__] += 1
-                if self._transport is not None:
-                    self._transport.abort()
+                # Set by connection_made meanwhile, which mypy cannot see from here.
+                transport: asyncio.Transport | None = getattr(self, "_transport")  # noqa: B009
+                if transport is not None:
+                    transport.abort()
                 continue
             self._cycling = self._reopening = False
             self.closed = False

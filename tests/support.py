@@ -255,7 +255,12 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.call_later(seconds, lambda: fut.done() or fut.set_result(None))
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.call_later(seconds, wake)
         await fut
 
     def advance(self, seconds: float) -> None:
@@ -284,11 +289,17 @@ class Publisher:
         self.upstream, self.topic, self.count, self.interval = upstream, topic, count, interval
         self.sent = 0
         self.changes = Changes()
-        self.task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> Publisher:
-        self.task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._run())
         return self
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The running publisher, to await its end; `start()` first."""
+        assert self._task is not None, "Publisher.start() was not called"
+        return self._task
 
     async def _run(self) -> None:
         for i in range(1, self.count + 1):

@@ -197,7 +197,7 @@ def excluded(path: str, rules: list[tuple[bool, str, re.Pattern[str]]]) -> bool:
 def build_context() -> set[str]:
     """The files `docker build .` sends to the daemon."""
     rules = ignore_rules()
-    files = set()
+    files: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(ROOT):
         rel = Path(dirpath).relative_to(ROOT).as_posix()
         prefix = "" if rel == "." else rel + "/"
@@ -591,7 +591,7 @@ def test_image_steps_install_and_run_the_gateway_in_a_plain_venv(
     assert "stopped" in output
 
     # And the check tells a stopped gateway apart: exit 1, unhealthy.
-    check = subprocess.run(
+    stopped = subprocess.run(
         [python, *command[1:]], env=run_env, capture_output=True, timeout=10, check=False
     )
-    assert check.returncode == 1
+    assert stopped.returncode == 1

@@ -88,7 +88,7 @@ async def test_heartbeats_never_split_an_event(
         # heartbeat: the gateway holds an incomplete event exactly when a heartbeat is due.
         beats = bytes(client.raw).count(HEARTBEAT)
         await upstream.send("mixed", f"id: {i}\ndata: line one\n".encode())
-        await client.wait_for(lambda c, n=beats: bytes(c.raw).count(HEARTBEAT) > n)
+        await client.wait_for(lambda c, n=beats: bytes(c.raw).count(HEARTBEAT) > n)  # type: ignore[misc]
         await upstream.send("mixed", b"data: line two\n\n")
         await client.wait_events(i + 1)
     assert bytes(client.raw).startswith(b": ok\nretry: 3000\n\n")

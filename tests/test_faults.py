@@ -322,7 +322,8 @@ async def test_downstream_fault_never_disturbs_other_subscribers(
         for i in range(5):
             await upstream.publish("healthy", *events("after", i, 1))
             await healthy.wait_for(
-                lambda c, i=i: bool(c.events) and c.events[-1].data == f"after {i} ", timeout=2
+                lambda c, i=i: bool(c.events) and c.events[-1].data == f"after {i} ",  # type: ignore[misc]
+                timeout=2,
             )
         if log_text:  # the metric is counted before the line is logged
             await log.until(lambda records: any(log_text in r for r in records))

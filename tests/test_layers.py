@@ -128,7 +128,8 @@ def _known(dotted: str) -> str:
 
 def imports_of(path: Path) -> tuple[set[str], set[str]]:
     """(gateway modules, top-level external modules) imported by a file."""
-    internal, external = set(), set()
+    internal: set[str] = set()
+    external: set[str] = set()
     package = _package_of(path)
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):

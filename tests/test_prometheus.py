@@ -140,7 +140,7 @@ def variable_queries(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
 def substitute(expr: str) -> str:
     """Grafana's variables replaced as Grafana would; any other `$` is an unknown variable."""
     for name, value in VARIABLES.items():
-        expr = re.sub(r"\$\{" + name + r"(?::\w+)?\}|\$" + name + r"\b", lambda _, v=value: v, expr)
+        expr = re.sub(r"\$\{" + name + r"(?::\w+)?\}|\$" + name + r"\b", lambda _, v=value: v, expr)  # type: ignore[misc]
     assert "$" not in expr, f"unknown Grafana variable in {expr!r}"
     return expr
 

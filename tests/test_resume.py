@@ -15,6 +15,10 @@ def ids(client: ResumingClient) -> list[str | None]:
     return [e.id for e in client.events]
 
 
+async def connected_once(client: ResumingClient) -> None:
+    await client.changes.until(lambda: client.connects == 1)
+
+
 def expected(count: int) -> list[str | None]:
     return [str(i) for i in range(1, count + 1)]
 
@@ -84,7 +88,7 @@ async def test_gateway_restart_with_100_subscribers_loses_and_repeats_nothing(
     route = route_doc(upstream)
     gw = await make_gateway(route)
     clients = [ResumingClient(session, gw.url("/events/t")) for _ in range(100)]
-    await asyncio.gather(*(c.changes.until(lambda c=c: c.connects == 1) for c in clients))
+    await asyncio.gather(*(connected_once(c) for c in clients))
     publisher = Publisher(upstream, "t", 300, interval=0.003).start()
     await publisher.wait_sent(100)
     await gw.runner.cleanup()  # the gateway goes away mid-stream...
