@@ -32,7 +32,13 @@ async def test_two_workers_share_the_port_sum_metrics_survive_a_crash_and_drain(
         assert len(pids) == 2
 
         clients = [await connect(session, f"http://127.0.0.1:{port}/e/t") for _ in range(8)]
-        await upstream.wait_open("t")
+        # Each worker that got a client has the topic open (the gauge sums the workers) and
+        # its own upstream request: publish only once every one of them is connected.
+        async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+            text = await resp.text()
+        topics = re.search(r'^sse_gateway_topics\{route="default"\} (\d+)', text, re.MULTILINE)
+        assert topics is not None
+        await upstream.wait_open("t", count=int(topics.group(1)))
         await upstream.publish("t", *events("t", 1, 2))
         for client in clients:
             assert await client.wait_events(2) == events("t", 1, 2)
