@@ -21,6 +21,7 @@ from importlib import resources
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import GatewayConfig
 from .core.hub import Hub
@@ -120,8 +121,26 @@ class RejectionLog(AbstractAccessLogger):
         self.access.write("rejected", fields)
 
 
+class QuietMalformed(logging.Filter):
+    """Drops aiohttp's ERROR-with-traceback for a request its parser refused.
+
+    A client controls those bytes (a control character in a header value, say), so they
+    are no server error: the 400 is already counted and logged as one `malformed` line by
+    `RejectionLog`. Any other error aiohttp logs passes untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_QUIET_MALFORMED = QuietMalformed()
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner for a gateway app, with the limits that apply before any handler runs."""
+    # Idempotent: a logger holds a filter once however many runners are made.
+    logging.getLogger("aiohttp.server").addFilter(_QUIET_MALFORMED)
     config = app[SETTINGS].config
     limits = config.limits
     access_log = type(

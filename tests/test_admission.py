@@ -196,3 +196,23 @@ async def test_a_last_event_id_that_is_not_utf8_is_a_400_with_one_log_line(
     assert "not valid UTF-8" in log.records[-1]
     assert not any("Error handling request" in x for x in aiohttp_log.records)
     assert upstream.connections == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"Cookie: a=\x01b", b"X-Thing: \x00", b"Bad Name: x"],
+    ids=["control in value", "nul in value", "space in name"],
+)
+async def test_a_header_aiohttp_refuses_is_a_400_with_one_line_and_no_traceback(
+    header: bytes, upstream: Upstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(route_doc(upstream))
+    with LogWatcher("gateway") as log, LogWatcher("aiohttp") as aiohttp_log:
+        head = await raw_request(
+            gw.port, b"GET /events/u HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n"
+        )
+        assert head.split()[1] == b"400"
+        await log.until(lambda lines: any("reason=malformed" in x for x in lines))
+    assert len([x for x in log.records if "reason=malformed" in x]) == 1
+    assert aiohttp_log.records == []
+    assert upstream.connections == []
