@@ -8,6 +8,8 @@ import heapq
 import itertools
 import logging
 import os
+import random
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -507,3 +509,23 @@ async def gateway_exit(
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, err.decode(errors="replace").splitlines()
+
+
+# Below Linux's default ephemeral range (32768-60999): a port picked here cannot be taken, between
+# the pick and the child's bind, by the source port of some outgoing connection (a busy test or
+# benchmark opens thousands), which a port the kernel hands out for bind(0) can.
+_LISTEN_PORTS = range(20000, 32768)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a child process to bind."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.choice(_LISTEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32767")

@@ -10,8 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .support import Upstream, connect, events, gateway_process
-from .test_process import free_port
+from .support import Upstream, connect, events, free_port, gateway_process
 
 pytestmark = pytest.mark.process
 

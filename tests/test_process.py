@@ -13,15 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .support import Upstream, connect, events, gateway_exit, gateway_process
+from .support import Upstream, connect, events, free_port, gateway_exit, gateway_process
 
 pytestmark = pytest.mark.process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_quick_start_flags_proxy_a_route_and_sigterm_drains_cleanly(

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -49,7 +48,7 @@ from prometheus_client import CollectorRegistry
 from gateway.metrics import Metrics
 
 from .conftest import GatewayFactory, route_doc
-from .support import Client, Upstream, connect, events, raw_request
+from .support import Client, Upstream, connect, events, free_port, raw_request
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "sse-gateway.json"
@@ -230,13 +229,6 @@ def test_promtool_checks_and_alert_unit_tests_pass(tmp_path: Path) -> None:
 
 
 # --- live ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Prometheus:

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Iterable
@@ -25,7 +24,7 @@ from gateway.sse import Event, encode_many
 from gateway.tls import TLSError, client_context, server_context
 
 from .conftest import GatewayFactory
-from .support import Changes, LogWatcher, Upstream, connect, events, gateway_process
+from .support import Changes, LogWatcher, Upstream, connect, events, free_port, gateway_process
 
 CLIENT_IDENTITY = "client.example"
 
@@ -92,12 +91,6 @@ def assert_no_key_material(pki: PKI, lines: Iterable[str]) -> None:
     assert "PRIVATE KEY" not in text
     leaked = [line for line in pki.key_material() if line in text]
     assert not leaked, "private key material in the log"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the gateway's own listener over HTTPS (the real process) -------------------------
