@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway.config import from_document
@@ -345,3 +347,76 @@ async def test_a_restarted_runner_resumes_after_the_newest_id_it_published(
     assert upstreams.targets[1].client_headers == (("Last-Event-ID", "7"),)
     assert upstreams.targets[1].topic_key == target.topic_key
     assert sub.outcome is None
+
+
+async def test_a_restarted_runner_never_resumes_from_a_clients_id(
+    clock: FakeClock, metrics: Metrics
+) -> None:
+    """A catch-up's bridge may anchor the ring at a client's Last-Event-ID; a restart must
+    resume from what the topic's own runner published, so no client steers the upstream."""
+
+    class Quiet(ScriptedUpstreams):
+        def __init__(self) -> None:
+            super().__init__()
+            self.targets: list[Target] = []
+            self.breaking = asyncio.Event()
+            self.crashed = False
+
+        async def stream(self, target: Target, sink: UpstreamSink) -> None:
+            self.targets.append(target)
+            if len(self.targets) > 1:
+                return await super().stream(target, sink)
+            sink.set_state("connected")
+            self.opened.append(target.topic_key)
+            self.changes.notify()
+            await self.breaking.wait()
+            self.crashed = True
+            self.changes.notify()  # runs after the topic has armed its restart timer
+            raise RuntimeError("a bug in the runner")
+
+        async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
+            self.catchups.append((last_event_id, sink))
+            self.changes.notify()
+            await asyncio.Event().wait()  # ignores the unknown id: a quiet live stream
+
+    upstreams = Quiet()
+    hub = Hub(upstreams, clock, metrics)
+    (target,) = targets("/e/a")
+    topic = hub.subscribe(target, FakeSubscriber())
+    await upstreams.wait_opened(1)
+    hub.subscribe(target, FakeSubscriber(), "client-chosen")
+    await upstreams.changes.until(lambda: len(upstreams.catchups) == 1)
+    clock.advance(5.0)  # the catch-up falls silent: complete, bridged at the client's id
+    assert topic.ring.newest_id == "client-chosen"
+    upstreams.breaking.set()
+    await upstreams.changes.until(lambda: upstreams.crashed)
+    clock.advance(60.0)
+    await upstreams.changes.until(lambda: len(upstreams.targets) == 2)
+    assert upstreams.targets[1].client_headers == ()  # live: its runner published no id
+    await hub.close()
+
+
+async def test_a_restart_after_the_upstream_reset_its_id_opens_live(
+    clock: FakeClock, metrics: Metrics
+) -> None:
+    class Resetting(FlakyUpstreams):
+        def __init__(self) -> None:
+            super().__init__(0)
+            self.targets: list[Target] = []
+
+        async def stream(self, target: Target, sink: UpstreamSink) -> None:
+            self.targets.append(target)
+            if len(self.targets) == 1:
+                self.failures = 1  # publishes, resets its id, then crashes
+                sink.publish([Event("a", id="7"), Event("b", id="")])
+            return await super().stream(target, sink)
+
+    upstreams = Resetting()
+    hub = Hub(upstreams, clock, metrics)
+    (target,) = targets("/e/a")
+    hub.subscribe(target, FakeSubscriber())
+    await upstreams.wait_opened(1)
+    clock.advance(1.0)
+    await upstreams.wait_opened(2)
+    assert upstreams.targets[1].client_headers == ()
+    await hub.close()

@@ -115,6 +115,7 @@ class Topic:
         "_clock",
         "_events_out",
         "_groups",
+        "_live_id",
         "_live_since",
         "_on_failed",
         "_pending",
@@ -164,6 +165,8 @@ class Topic:
         self.state = "connecting"
         metrics.upstream_states["connecting"].inc()
         self.last_publish = clock.now()
+        # The last id this topic's own runner published: where a restarted runner resumes.
+        self._live_id: str | None = None
 
     # --- UpstreamSink ---------------------------------------------------------
 
@@ -176,7 +179,10 @@ class Topic:
         ring = self.ring
         parts = []
         batch = []
+        live_id = self._live_id
         for event in events:
+            if event.id is not None:
+                live_id = event.id or None  # "" is the upstream resetting its id
             try:
                 data = encode(event)
             except EncodeError:
@@ -185,6 +191,7 @@ class Topic:
             parts.append(data)
             batch.append((event.id, data))
             ring.append(event.id, data, now)
+        self._live_id = live_id
         if not parts:
             return
         raw = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -395,16 +402,18 @@ class Topic:
             await self._clock.sleep(backoff.next_delay())
 
     def _resume_target(self) -> Target:
-        """The target a (re)started runner opens: after the ring's newest id, if it has one.
+        """The target a (re)started runner opens: after the last id its runner published.
 
-        The id came from the upstream itself (never from a client), so a restarted runner
-        resumes where the crashed one stopped instead of silently skipping what was sent
-        in between. The first start has an empty ring and opens live.
+        Only ids the topic's own runner handed to `publish` count (never the ring's, which a
+        catch-up's bridge can anchor at a client's Last-Event-ID): no client steers the
+        shared upstream. A restarted runner resumes where the crashed one stopped instead of
+        silently skipping what was sent in between; the first start opens live, and so does
+        a restart after the upstream reset its id (`id:` with no value).
         """
-        newest = self.ring.newest_id
-        if newest is None or self.target.route.mode == "direct":
+        live_id = self._live_id
+        if live_id is None or self.target.route.mode == "direct":
             return self.target
-        return dataclasses.replace(self.target, client_headers=(("Last-Event-ID", newest),))
+        return dataclasses.replace(self.target, client_headers=(("Last-Event-ID", live_id),))
 
     async def stop(self) -> None:
         """Close the upstream and every catch-up; the subscribers are the owner's to end."""
