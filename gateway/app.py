@@ -272,10 +272,11 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         return await stream.turn_away(request, target, entry.cors)
     admission = app[ADMISSION]
     client, route = entry.client, target.route
+    key = policy.client_key(client)
     # Admission first: its per-client limits also shield the auth backends.
-    admission.enter(client, route, forwarded=head.forwarded_untrusted(config))
+    admission.enter(key, route, forwarded=head.forwarded_untrusted(config))
     # An established stream outlives this handler: its end gives the slot back.
-    release = functools.partial(admission.leave, client, route)
+    release = functools.partial(admission.leave, key, route)
     last_event_id = entry.last_event_id
     try:
         # Auth still reads the aiohttp request (headers, cookies, query, path): see
@@ -285,9 +286,6 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
             # The client's own upstream request carries its Last-Event-ID: no replay here.
             target, last_event_id = direct_target(head, target, last_event_id, client), None
     except BaseException:
-        # No stream: the process-wide rate was not spent (a flood of bad tokens from one
-        # address must not lock out everyone else); the client's own bucket stays spent.
-        admission.refund()
         release()
         raise
     admitted = stream.Admitted(
@@ -295,6 +293,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         entry.cors,
         last_event_id,
         client,
+        client_key=key,
         expires_at=grant.expires_at,
         still_current=lambda: app[SETTINGS].routes is routes,
         release=release,

@@ -1,4 +1,4 @@
-"""Admission under abuse: per-client rate buckets, refunds on failed auth, refusals that close,
+"""Admission under abuse: per-client rate buckets, IPv6 clients by /64, refusals that close,
 and the hint an operator behind a proxy needs."""
 
 from __future__ import annotations
@@ -104,31 +104,58 @@ async def test_every_refusal_closes_its_connection(
     assert rest.count(b"HTTP/1.1") == 1
 
 
-def test_failed_auth_gives_the_process_token_back_but_not_the_clients() -> None:
+def test_one_client_spends_its_share_and_all_clients_together_the_process_rate() -> None:
     clock = FakeClock()
     cfg = config(max_connections_per_second=4, max_subscribers_per_client=0)
     admission, route = Admission(cfg.limits, clock), cfg.routes[0]
-    for _ in range(2):  # the flooder's share: 2 a second
+    for _ in range(2):  # the flooder's share: 2 a second, whether its requests then fail or not
         admission.enter("10.0.0.1", route)
-        admission.refund()  # auth failed
         admission.leave("10.0.0.1", route)
     with pytest.raises(RateLimited):
         admission.enter("10.0.0.1", route)
-    # Everyone else still has the whole process rate's other half and more.
+    # The other half remains for everyone else...
     for _ in range(2):
         admission.enter("10.0.0.2", route)
+    # ...and no number of fresh addresses gets past the process's own rate, which is what
+    # bounds the work of the auth backends behind it.
+    with pytest.raises(RateLimited):
+        admission.enter("10.0.0.3", route)
     clock.advance(1.0)
     admission.enter("10.0.0.1", route)
 
 
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_an_ipv6_client_is_counted_by_its_64(address: str, key: str) -> None:
+    assert policy.client_key(address) == key
+
+
+def test_addresses_of_one_ipv6_64_share_one_allowance() -> None:
+    clock = FakeClock()
+    cfg = config(max_connections_per_second=0, max_subscribers_per_client=2)
+    admission, route = Admission(cfg.limits, clock), cfg.routes[0]
+    admission.enter(policy.client_key("2001:db8::1"), route)
+    admission.enter(policy.client_key("2001:db8::2"), route)
+    with pytest.raises(ClientLimit):  # a third address of the same /64
+        admission.enter(policy.client_key("2001:db8::3"), route)
+    admission.enter(policy.client_key("2001:db8:0:1::1"), route)  # another /64
+
+
 def test_the_per_client_bucket_map_is_bounded() -> None:
     clock = FakeClock()
-    cfg = config(max_connections_per_second=1000, max_subscribers_per_client=0)
+    # A process rate so high that only the per-client buckets matter here.
+    cfg = config(max_connections_per_second=10**9, max_subscribers_per_client=0)
     admission, route = Admission(cfg.limits, clock), cfg.routes[0]
     bound = policy.DEFAULT_MAX_CLIENT_BUCKETS
     for i in range(bound * 2 + 10):  # a spoofing flood of distinct addresses, all at once
         client = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
-        admission.refund()  # keep the process bucket out of the way
         with contextlib.suppress(RateLimited):
             admission.enter(client, route)
             admission.leave(client, route)
@@ -136,7 +163,6 @@ def test_the_per_client_bucket_map_is_bounded() -> None:
     # Idle buckets refill and carry nothing: the next sweep drops them all.
     clock.advance(1.0)
     for i in range(bound // 2 + 1):
-        admission.refund()
         admission.enter(f"192.168.{i >> 8 & 255}.{i & 255}", route)
         admission.leave(f"192.168.{i >> 8 & 255}.{i & 255}", route)
     assert admission.client_buckets <= bound // 2 + 1

@@ -153,6 +153,22 @@ def _in(
     return any(address in network for network in networks)
 
 
+def client_key(client: str) -> str:
+    """Who a client is for per-client limits: its address, or for IPv6 its /64.
+
+    Logs keep the full address; only the limits group an IPv6 prefix together.
+    Anything that is not an address ("unknown") is its own key.
+    """
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        network = ipaddress.IPv6Network((address, DEFAULT_IPV6_CLIENT_PREFIX), strict=False)
+        return str(network)
+    return client
+
+
 def client_last_event_id(header: str | None, query: str | None, max_bytes: int) -> str | None:
     """The id a client resumes from: the Last-Event-ID header (EventSource sends it on
     reconnect) or else a `lastEventId` query parameter (for a first connection)."""
@@ -172,6 +188,9 @@ def client_last_event_id(header: str | None, query: str | None, max_bytes: int) 
     return value
 
 
+# Per-client limits count an IPv6 client by its /64: one host (a home router, a phone) is
+# routinely handed a whole /64 and could otherwise mint 2**64 fresh "clients".
+DEFAULT_IPV6_CLIENT_PREFIX = 64
 # Share of `max_connections_per_second` one client address may use: a single address (a
 # flood, a retry loop) can never take more than half, so the other half always remains for
 # everyone else, while one address behind a NAT still gets a generous rate.
@@ -209,11 +228,12 @@ class Admission:
     faster than its share of the rate) answer 429. Every refusal carries
     Retry-After. A limit of 0 is no limit.
 
-    The rate is kept twice: per client address (`DEFAULT_CLIENT_RATE_SHARE` of
-    `max_connections_per_second`) and for the process. A request that is then
-    refused (auth failed) gives its process token back (`refund`) but not its
-    client's: bad credentials from one address slow that address down, and
-    never anybody else.
+    The rate is kept twice: per client (`DEFAULT_CLIENT_RATE_SHARE` of
+    `max_connections_per_second`) and for the process. One client (a flood of
+    bad tokens, say) can never spend more than its share, so the rest always
+    remains for everyone else; and the process-wide bucket still bounds what
+    every client together costs the process and the auth backends, however
+    many addresses they come from. `client` here is a `client_key`.
     """
 
     def __init__(self, limits: LimitsConfig, clock: Clock) -> None:
@@ -273,12 +293,6 @@ class Admission:
             self._per_client[client] = remaining
         else:
             del self._per_client[client]  # the map holds only addresses with streams
-
-    def refund(self) -> None:
-        """Give back the process-wide token of an admitted request that got no stream."""
-        rate = self.limits.max_connections_per_second
-        if rate:
-            self._bucket.tokens = min(max(1.0, rate), self._bucket.tokens + 1.0)
 
     def _take_tokens(self, client: str, forwarded: bool) -> None:
         """One token from the client's bucket, then one from the process's, or RateLimited."""

@@ -279,6 +279,8 @@ class Admitted:
     headers: Mapping[str, str]
     last_event_id: str | None
     client: str
+    # Who the client is for per-client limits (`policy.client_key`): an IPv6 client's /64.
+    client_key: str = ""
     expires_at: float | None = None
     still_current: Callable[[], bool] = _current
     release: Callable[[], None] = _nothing
@@ -332,7 +334,7 @@ async def serve(request: web.Request, admitted: Admitted, services: Services) ->
         if hub.is_closing():
             return await turn_away(request, target, admitted.headers)
         # Before the response starts, so a refusal is a clean 503/429.
-        hub.admit(target, client=admitted.client)
+        hub.admit(target, client=admitted.client_key or admitted.client)
         metrics = hub.metrics.route(target.route.name)
         opened = await _open(request, target, admitted.headers, metrics)
         if opened is None:
@@ -422,7 +424,12 @@ def _join(
     )
     downstream.own_bytes += len(opened.preamble)
     try:
-        topic = hub.subscribe(target, downstream, admitted.last_event_id, client=admitted.client)
+        topic = hub.subscribe(
+            target,
+            downstream,
+            admitted.last_event_id,
+            client=admitted.client_key or admitted.client,
+        )
     except (TopicLimit, ClientLimit, RateLimited):
         # Others filled the route (or this client spent its topic opens) while this preamble
         # was written: end the stream; the client retries after `retry:`.
