@@ -28,6 +28,7 @@ from gateway.config import (
 from gateway.config.auth import AuthConfig, ForwardAuthConfig, JwtConfig
 from gateway.config.dump import MASK, URL_MASK, dump
 from gateway.config.routes import ROUTE_OPTIONS
+from gateway.config.table import MASKED_PROBLEM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -283,8 +284,21 @@ def test_unparseable_toml_exits_non_zero(tmp_path: Path) -> None:
 
 
 def round_trip(config: GatewayConfig) -> tuple[str, GatewayConfig]:
+    """The dump, and what it loads back as once its masked secrets are filled in again.
+
+    Loaded as it is, a dump with masked secrets is refused, naming each of them: a copied
+    dump must never run with the mask as a key or a header value.
+    """
     text = dump(config)
-    return text, from_document(tomllib.loads(text), {})
+    masked = text.count(f'"{MASK}"')
+    if masked:
+        with pytest.raises(ConfigError) as refused:
+            from_document(tomllib.loads(text), {})
+        assert [p for p in refused.value.problems if p.endswith(MASKED_PROBLEM)] == (
+            refused.value.problems
+        )
+        assert len(refused.value.problems) == masked
+    return text, from_document(tomllib.loads(text.replace(f'"{MASK}"', '"restored"')), {})
 
 
 @pytest.mark.parametrize("name", ["gateway.toml", "multi-route.toml", None])
@@ -345,7 +359,7 @@ def test_dump_round_trips_awkward_values_and_masks_every_secret() -> None:
     for secret in ("t0ken-from-env", "hm4c-secret", "pa55word", "k3y-literal"):
         assert secret not in text
     assert text.count(MASK) == 3
-    assert f"user:{URL_MASK}@id.example" in text
+    assert f"{URL_MASK}:{URL_MASK}@id.example" in text
     # Everything but the masked values comes back as it was.
     odd, jwt, fwd = again.routes
     assert odd.upstream_headers[0] == config.routes[0].upstream_headers[0]
@@ -355,7 +369,7 @@ def test_dump_round_trips_awkward_values_and_masks_every_secret() -> None:
     )
     assert jwt.auth.jwt is not None
     assert config.routes[1].auth.jwt is not None
-    assert jwt.auth.jwt.key == MASK
+    assert jwt.auth.jwt.key == "restored"
     assert dataclasses.replace(jwt.auth.jwt, key=None, jwks_url=None) == dataclasses.replace(
         config.routes[1].auth.jwt, key=None, jwks_url=None
     )
@@ -365,6 +379,38 @@ def test_dump_round_trips_awkward_values_and_masks_every_secret() -> None:
         config.limits,
         config.metrics,
     )
+
+
+def test_dump_masks_credentials_whatever_their_names() -> None:
+    doc = {
+        "routes": [
+            route(
+                upstream_headers={
+                    "X-Auth": "Bearer b3arer",
+                    "X-Signature": "s1gned",
+                    "X-Plain": "Basic YmFzaWM=",
+                    "X-Version": "2",
+                },
+                auth={
+                    "type": "forward",
+                    "url": "https://T0KEN@auth.example/check?apikey=QS3CRET&x={y}",
+                },
+            )
+        ]
+    }
+    text, again = round_trip(from_document(doc, {}))
+    for secret in ("b3arer", "s1gned", "YmFzaWM", "T0KEN", "QS3CRET"):
+        assert secret not in text
+    assert '"X-Version" = "2"' in text or 'X-Version = "2"' in text
+    assert again.routes[0].auth.forward is not None
+    assert again.routes[0].auth.forward.url == "https://***@auth.example/check?apikey=***&x={y}"
+
+
+def test_a_masked_secret_copied_into_a_file_is_refused_by_name() -> None:
+    doc = {"routes": [route(auth={"type": "jwt", "algorithms": ["HS256"], "key": MASK})]}
+    with pytest.raises(ConfigError) as refused:
+        from_document(doc, {})
+    assert refused.value.problems == [f"routes[0].auth.key: {MASKED_PROBLEM}"]
 
 
 CONFIG_CLASSES = (ServerConfig, LimitsConfig, MetricsConfig, DemoConfig, RouteConfig)

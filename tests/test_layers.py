@@ -17,7 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "timing": set(),
     "metrics": set(),
     "config.table": set(),
-    "config.auth": {"config.table"},  # for type checking only
+    "config.auth": {"config.table"},
     "config.routes": {"config.auth", "config.table"},
     "tls": {"config"},
     "config": {"config.table", "errors", "config.routes"},

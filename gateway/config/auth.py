@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .table import MASK, MASKED_PROBLEM
+
 if TYPE_CHECKING:
     from .table import Table
 
@@ -69,6 +71,9 @@ def _secret(table: Table, name: str, environ: Mapping[str, str]) -> str | None:
     """A literal, `{ env = "VAR" }` or `{ file = "/path" }`; never echoed in a problem."""
     table.used.add(name)
     value: Any = table.data.get(name)
+    if value == MASK:
+        table.problem(name, MASKED_PROBLEM)
+        return None
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and set(value) == {"env"} and isinstance(value["env"], str):

@@ -4,7 +4,9 @@ Sections and keys are the configuration file's, so the output loads again into t
 configuration (tests/test_config.py checks the round trip); every route is written whole,
 with its `[defaults]` applied. Secrets never appear: a field marked `repr=False` (how the
 dataclasses keep a value out of logs: JWT keys, secret header values), a header whose name
-says it carries credentials, and the password of any URL are written as MASK.
+or value says it carries credentials are written as MASK, which the readers refuse (so a
+copied dump fails to load, naming each key, until the secrets are back); a URL's userinfo
+and query values are written as URL_MASK.
 
 tomllib only reads, and this document is small and regular (scalars, lists of scalars,
 tables, an array of route tables), so it is written here rather than with a dependency.
@@ -22,17 +24,20 @@ from urllib.parse import urlsplit
 
 from . import GatewayConfig, Listen
 from .routes import ROUTE_OPTIONS, RouteConfig
+from .table import MASK
 
 __all__ = ["MASK", "URL_MASK", "dump"]
 
-# Loads back as a plain string, so a copied file still parses; reads as what it is.
-MASK = "*** masked ***"
-# In a URL's userinfo: no spaces, so the URL still validates when loaded back.
+# In a URL's userinfo and query: no spaces, so the URL still validates when loaded back.
 URL_MASK = "***"
 # Written, the listener counts as set: a port in use is then an error, not a fallback.
 _DEFAULT_METRICS_NOTE = "not set: if taken at start-up, metrics are served on the main port"
 # Header names that carry credentials even when written literally in the file.
-_CREDENTIAL_HEADER = re.compile(r"authorization|cookie|token|secret|key|password|session", re.I)
+_CREDENTIAL_HEADER = re.compile(
+    r"auth|cookie|token|secret|key|password|passwd|session|signature|credential", re.I
+)
+# Header values that carry credentials whatever the header's name ("Bearer ...").
+_CREDENTIAL_VALUE = re.compile(r"\s*(?:bearer|basic|digest|token|negotiate|hmac)\b", re.I)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
 _SHORT_ESCAPES["\r"] = "\\r"
@@ -50,7 +55,7 @@ def dump(config: GatewayConfig) -> str:
         lines += ["", f"[{section}]", *_keys(_settings(getattr(config, section)), notes)]
     for route in config.routes:
         lines += ["", "[[routes]]", *_keys(_settings(route, skip=_ROUTE_TABLES), _ROUTE_DOCS)]
-        headers = {h.name: MASK if h.secret or _credential(h.name) else h.value
+        headers = {h.name: MASK if h.secret or _credential(h.name, h.value) else h.value
                    for h in route.upstream_headers}  # fmt: skip
         auth = _auth(route) if route.auth.type != "none" else {}
         for name, table in (("params", dict(route.params)), ("upstream_headers", headers)):
@@ -99,8 +104,8 @@ def _plain_http_elsewhere(url: str) -> bool:
         return True
 
 
-def _credential(header: str) -> bool:
-    return _CREDENTIAL_HEADER.search(header) is not None
+def _credential(header: str, value: str) -> bool:
+    return bool(_CREDENTIAL_HEADER.search(header) or _CREDENTIAL_VALUE.match(value))
 
 
 def _keys(table: dict[str, Any], notes: Mapping[str, str] | None = None) -> list[str]:
@@ -148,13 +153,22 @@ def _string(text: str) -> str:
 
 
 def _mask_url(text: str) -> str:
+    """A URL with its userinfo (user and password: either may be a token) and every query
+    value masked; the upstream URL templates' `{param}` placeholders are left alone."""
     if "://" not in text:
         return text
     try:
         parts = urlsplit(text)
-        password = parts.password
     except ValueError:
         return text
-    if not password:
-        return text
-    return parts._replace(netloc=parts.netloc.replace(f":{password}@", f":{URL_MASK}@", 1)).geturl()
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        masked = ":".join(URL_MASK for _ in userinfo.split(":", 1))
+        netloc = f"{masked}@{host}"
+    query = "&".join(
+        f"{name}={URL_MASK}" if sep and value and not value.startswith("{") else pair
+        for pair in parts.query.split("&")
+        for name, sep, value in [pair.partition("=")]
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()

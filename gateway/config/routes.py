@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .auth import NO_AUTH, AuthConfig, read_auth
-from .table import MISSING, Table, non_negative, positive, readable
+from .table import MASK, MASKED_PROBLEM, MISSING, Table, non_negative, positive, readable
 
 DEFAULT_PARAM_PATTERN = r"[A-Za-z0-9._~-]+"
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -166,6 +166,8 @@ def _read_headers(table: Table, environ: Mapping[str, str]) -> tuple[UpstreamHea
         value = table.data[name]
         if not _HEADER_NAME.fullmatch(name):
             table.problem(name, "not a valid header name")
+        elif value == MASK:
+            table.problem(name, MASKED_PROBLEM)
         elif isinstance(value, str) and _NOT_FIELD_VALUE.search(value):
             table.problem(name, "value holds a control character (CR, LF, NUL...)")
         elif isinstance(value, str):

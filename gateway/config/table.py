@@ -80,6 +80,13 @@ class Table:
             self.problem(name, "unknown key")
 
 
+# What `--check` writes for a secret. A reader refuses it, so a dump copied into a file
+# fails to load until the real secret is back, instead of running with this public string
+# as an HMAC key or a header value.
+MASK = "*** masked ***"
+MASKED_PROBLEM = "masked by --check: put the real secret back"
+
+
 def positive(value: float) -> str | None:
     return None if value > 0 and math.isfinite(value) else "must be greater than 0"
 
