@@ -1,6 +1,7 @@
 """Bad-token flood: does a valid client still get its stream? (issue 10)
 
-Usage: python -m bench.flood [--seconds 10] [--rate 4000] [--workers 2] [--log-dir DIR]
+Usage: python -m bench.flood [--seconds 10] [--rate 4000] [--client c|python] [--workers N]
+                             [--close rst|wait] [--log-dir DIR]
 
 Starts `bench.upstream` and `python -m gateway --config FILE` as child processes on free
 loopback ports. The config has one JWT route (HS256, a secret), `[limits]` at their defaults
@@ -10,9 +11,16 @@ metrics on the main port. Then, for --seconds:
 * the flood: --workers processes, all from source address 127.0.0.1, open a connection per
   request on a fixed open-loop schedule (request k of a worker is due at start + k / its rate,
   whatever became of the earlier ones), send `GET /events/news` with a well-formed JWT signed
-  with the WRONG secret and `Connection: close`, read the status line, read on until the
-  gateway closes (so the TIME_WAIT stays on its side), and close. At most --max-in-flight
-  requests per worker are outstanding; a due request over that cap is counted as not sent.
+  with the WRONG secret and `Connection: close`, read the status line, and close. At most
+  --max-in-flight requests per worker are outstanding; a due request over that cap is counted
+  as skipped, not sent. Two implementations (--client):
+  - `c` (the default when gcc is installed): bench/floodload.c, built into bench/.build/ on
+    first use (bench.cload.build), one epoll thread per process (--workers, default 1). With
+    --close rst (the default) it closes right after the status line with an RST (SO_LINGER 0):
+    no TIME_WAIT on either side, so ~40,000 connections in 10 s from one address do not run
+    out of ephemeral ports; --close wait reads on until the gateway closes, as the Python one.
+  - `python`: uvloop processes (--workers, default 2) that read on until the gateway closes
+    (so the TIME_WAIT stays on its side), then close. They cannot reach 4,000/s on 2 cores.
 * the valid client: in this process, from source address 127.0.0.2, one try every --interval
   seconds (~20 in 10 s), each a new connection with a valid token for `news`: its status, the
   time from the try's start to the end of the response headers, and whether an event (a
@@ -31,10 +39,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import resource
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +58,7 @@ import jwt
 import uvloop
 
 from bench.client import percentile, raise_fd_limit
+from bench.cload import build, compiler
 from bench.fanout import (
     HOST,
     READY_TIMEOUT,
@@ -72,6 +83,7 @@ REQUEST_TIMEOUT = 5.0  # a flood request: connect + status line + the gateway's 
 TICK = 0.001  # the flood schedule's granularity
 START_DELAY = 1.0  # the workers fork, then everyone starts at the same wall-clock time
 READ_SIZE = 4096
+FLOODLOAD_SOURCE = Path(__file__).resolve().with_name("floodload.c")
 # Linux: bind the source address only, let connect() pick the port per destination.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
@@ -253,6 +265,86 @@ def flood_worker(
         out.put(("ok", stats))
     except BaseException as exc:
         out.put(("error", repr(exc)))
+
+
+# --- the flood, native (bench/floodload.c) ----------------------------------------------------
+
+
+@dataclass
+class CFlood:
+    """One running floodload process; its JSON result goes to `out`, its stderr to `err`."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def start_c_flood(
+    binary: Path,
+    index: int,
+    port: int,
+    rate: float,
+    start_at: float,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> CFlood:
+    argv = [str(binary), "--host", HOST, "--source", FLOOD_ADDR, "--port", str(port)]
+    argv += ["--rate", repr(rate), "--seconds", repr(args.seconds)]
+    argv += ["--max-count", str(max(1, int(rate * args.seconds)))]
+    argv += ["--max-in-flight", str(args.max_in_flight), "--timeout", repr(REQUEST_TIMEOUT)]
+    argv += ["--start-at", repr(start_at), "--close", args.close, "--request-file", "-"]
+    argv += ["--samples"]
+    out, err = log_dir / f"floodload-{index}.json", log_dir / f"floodload-{index}.log"
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=o, stderr=e)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(request_bytes(port, make_token(WRONG_SECRET)))
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it exited at once; its stderr says why, and finish_c_flood reports it
+    return CFlood(proc, out, err)
+
+
+def finish_c_flood(flood: CFlood, within: float) -> FloodStats:
+    """Wait (at most `within` s) for a floodload process and read its result line."""
+    try:
+        code = flood.proc.wait(max(0.1, within))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"floodload (pid {flood.pid}) did not finish in time") from None
+    try:
+        d: dict[str, Any] = json.loads(flood.out.read_text().strip().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        tail = flood.err.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"floodload (pid {flood.pid}) exited {code}: {tail}") from None
+    return c_stats(d)
+
+
+def c_stats(d: dict[str, Any]) -> FloodStats:
+    """FloodStats from a floodload result line (run with --samples)."""
+    stats = FloodStats(due=int(d["due"]), sent=int(d["sent"]), skipped=int(d["skipped"]))
+    stats.statuses.update({int(k): int(v) for k, v in d["statuses"].items()})
+    for name, n in d["connect_errors"].items():
+        stats.errors[f"{name} (connect)"] += int(n)
+    for name, n in d["errors"].items():
+        if n:
+            stats.errors[f"{name.split()[0]} (before a status line)"] += int(n)
+    for stage, n in (
+        ("connect", d["timeouts"]["connect"]),
+        ("status line", d["timeouts"]["status"]),
+    ):
+        if n:
+            stats.errors[f"timeout ({stage})"] += int(n)
+    stats.latencies = [ms / 1000 for ms in d["latency_samples_ms"]]
+    stats.late = [ms / 1000 for ms in d["lag_samples_ms"]]
+    stats.first_sent = float(d["first_sent"])
+    stats.last_sent = float(d["last_sent"])
+    stats.cpu_seconds = float(d["cpu_user"]) + float(d["cpu_sys"])
+    return stats
 
 
 # --- the valid client (this process) ----------------------------------------------------------
@@ -443,7 +535,12 @@ def report(
 
     rows = [
         ("commit", commit()),
-        ("flood target", f"{fmt(args.rate)} req/s for {fmt(args.seconds)} s, {args.workers} procs"),
+        (
+            "flood target",
+            f"{fmt(args.rate)} req/s for {fmt(args.seconds)} s,"
+            f" {args.workers} {args.client} procs"
+            + (f", close {args.close}" if args.client == "c" else ""),
+        ),
         ("flood due / sent / skipped", f"{fmt(f.due)} / {fmt(f.sent)} / {fmt(f.skipped)}"),
         ("achieved rate sent (req/s)", fmt(round(f.sent / send_window))),
         ("achieved rate answered (req/s)", fmt(round(answered / send_window))),
@@ -510,13 +607,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flood", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="flood duration")
     parser.add_argument("--rate", type=float, default=4000.0, help="bad-token requests/s")
-    parser.add_argument("--workers", type=int, default=2, help="flood processes")
+    parser.add_argument(
+        "--client",
+        choices=("c", "python"),
+        default="c" if compiler() else "python",
+        help="flood implementation: bench/floodload.c (default with gcc) or uvloop processes",
+    )
+    parser.add_argument("--workers", type=int, help="flood processes (default: c 1, python 2)")
+    parser.add_argument(
+        "--close",
+        choices=("rst", "wait"),
+        default="rst",
+        help="c client: reset right after the status line, or wait for the gateway's close",
+    )
     parser.add_argument("--max-in-flight", type=int, default=4000, help="per flood process")
     parser.add_argument("--interval", type=float, default=0.5, help="valid tries every N s")
     parser.add_argument("--first-event-timeout", type=float, default=5.0)
     parser.add_argument("--event-rate", type=float, default=10.0, help="upstream events/s")
     parser.add_argument("--log-dir", type=Path, help="child logs (default: a new temp dir)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.workers is None:
+        args.workers = 1 if args.client == "c" else 2
     if not (0 < args.seconds <= 600 and args.rate > 0 and 1 <= args.workers <= 16):
         parser.error("need 0 < --seconds <= 600, --rate > 0, 1 <= --workers <= 16")
     if not (0 < args.interval <= args.seconds and args.event_rate > 0):
@@ -529,8 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = log_dir / "gateway.toml"
     config.write_text(config_text(gw_port, up_port))
     py = sys.executable
+    binary = build(FLOODLOAD_SOURCE) if args.client == "c" else None
     children: list[Child] = []
     workers: list[mp.process.BaseProcess] = []
+    c_floods: list[CFlood] = []
     ctx = mp.get_context("fork")
     queue: mp.Queue[Any] = ctx.Queue()
     parts: list[FloodStats] = []
@@ -552,7 +665,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         start_at = time.time() + START_DELAY
-        for _ in range(args.workers):
+        if binary is not None:
+            c_floods += [
+                start_c_flood(binary, i, gw_port, args.rate / args.workers, start_at, args, log_dir)
+                for i in range(args.workers)
+            ]
+        for _ in range(args.workers if binary is None else 0):
             w: mp.process.BaseProcess = ctx.Process(
                 target=flood_worker,
                 args=(
@@ -572,6 +690,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.wait_for(run_client_side(args, gw_port, start_at, gateway.pid), budget)
         )
         deadline = time.monotonic() + REQUEST_TIMEOUT + 15.0
+        for c_flood in c_floods:
+            try:
+                parts.append(finish_c_flood(c_flood, deadline - time.monotonic()))
+            except RuntimeError as exc:
+                failures.append(str(exc))
         for _ in workers:
             try:
                 kind, value = queue.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -583,6 +706,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 failures.append(value)
     finally:
+        for c_flood in c_floods:
+            if c_flood.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c_flood.pid, 9)
+                c_flood.proc.wait(5.0)
         for w in workers:
             w.join(5.0)
             if w.is_alive() and w.pid is not None:

@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "config.routes": {"config.auth", "config.table"},
     "tls": {"config"},
     "config": {"config.table", "errors", "config.routes"},
-    "config.dump": {"config", "config.routes"},
+    "config.dump": {"config", "config.routes", "config.table"},
     "edge.auth": {"config.auth", "errors", "core.route", "timing", "edge.jwks"},
     "core.route": {"config", "errors"},
     "edge.heartbeat": {"timing"},
