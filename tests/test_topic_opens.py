@@ -6,7 +6,10 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from gateway.app import HUB, make_app, make_runner
 from gateway.config import GatewayConfig, from_document
 from gateway.core.hub import Hub
 from gateway.core.route import RouteTable, Target
@@ -14,7 +17,7 @@ from gateway.errors import ClientLimit, GatewayError, RateLimited, TopicLimit
 from gateway.metrics import Metrics
 
 from .conftest import GatewayFactory, route_doc
-from .support import FakeClock, FakeSubscriber, ScriptedUpstreams, Upstream
+from .support import FakeClock, FakeSubscriber, LogWatcher, ScriptedUpstreams, Upstream
 
 
 def setup(
@@ -263,3 +266,47 @@ async def test_a_share_of_one_lets_one_address_use_the_whole_route(
         hub.subscribe(target(table, f"t{i}"), FakeSubscriber(), client="10.0.0.1")
     with pytest.raises(TopicLimit):
         hub.admit(target(table, "t4"), client="10.0.0.1")
+
+
+async def test_a_route_filled_while_a_stream_starts_is_a_counted_refusal(
+    upstream: Upstream,
+) -> None:
+    # The route's last topic is taken between this request's admission and its subscribe
+    # (here: while its response head goes out): its 200 ends at once, and it is a refusal
+    # like any other, counted and logged.
+    config = from_document(
+        {"routes": [route_doc(upstream, max_topics=1)], "metrics": {"listen": ""}}, {}
+    )
+    registry = CollectorRegistry()
+    app = make_app(config, metrics=Metrics(registry))
+    table = RouteTable(config.routes)
+
+    async def someone_else_opens_a_topic(request: web.BaseRequest, resp: Any) -> None:
+        if request.path.startswith("/events/"):
+            app[HUB].subscribe(table.resolve("/events/other", []), FakeSubscriber())
+
+    app.on_response_prepare.append(someone_else_opens_a_topic)
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        with LogWatcher("gateway.access") as access:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /events/mine HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                body = await reader.read()  # to EOF: the stream ended at once
+            writer.close()
+            await access.until(lambda lines: any("rejected" in x for x in lines))
+        assert body.startswith(b"HTTP/1.1 200")
+        assert b"0\r\n\r\n" in body  # a clean end of the chunked body
+        labels = {"route": "r", "outcome": "limit"}
+        assert registry.get_sample_value("sse_gateway_connections_closed_total", labels) == 1
+        rejected = {"reason": "topic_limit"}
+        assert registry.get_sample_value("sse_gateway_requests_rejected_total", rejected) == 1
+        (line,) = [x for x in access.records if "rejected" in x]
+        assert "reason=topic_limit" in line
+        assert "path=/events/mine" in line
+    finally:
+        await runner.cleanup()

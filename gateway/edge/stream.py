@@ -430,10 +430,23 @@ def _join(
             admitted.last_event_id,
             client=admitted.client_key or admitted.client,
         )
-    except (TopicLimit, ClientLimit, RateLimited):
+    except (TopicLimit, ClientLimit, RateLimited) as refused:
         # Others filled the route (or this client spent its topic opens) while this preamble
-        # was written: end the stream; the client retries after `retry:`.
+        # was written: end the stream; the client retries after `retry:`. A refusal like
+        # any other, counted and logged as one, though its 200 has gone out.
         metrics.closed["limit"].inc()
+        hub.metrics.requests_rejected.labels(refused.reason).inc()
+        services.access.write(
+            "rejected",
+            {
+                "method": request.method,
+                "path": request.raw_path.partition("?")[0][:200],
+                "client": admitted.client,
+                "status": 200,
+                "reason": refused.reason,
+                "message": refused.message + " (after the stream started)",
+            },
+        )
         return False
     services.wheel.add(downstream)
     metrics.opened.inc()
