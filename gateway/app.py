@@ -335,7 +335,9 @@ def direct_target(
     and the client's Last-Event-ID reach the upstream.
     """
     route = target.route
-    headers = [(name, head.headers[name]) for name in route.forward_headers if name in head.headers]
+    headers = [
+        (name, value) for name in route.forward_headers if (value := head.joined(name)) is not None
+    ]
     peer, proto = client, head.scheme
     # The Host header is client input: only a plain host[:port] may be passed on, or a
     # crafted one would add its own elements to Forwarded (RFC 7239) and fool the upstream.

@@ -179,7 +179,7 @@ async def test_a_topic_that_cannot_be_a_header_value_gets_400_not_a_traceback(
         assert len(rejected(caplog, 400)) == 1
 
 
-def Head(headers: dict[str, str]) -> RequestHead:
+def Head(headers: dict[str, str] | list[tuple[str, str]]) -> RequestHead:  # noqa: N802
     """A request head as a listener other than aiohttp's would build it."""
     return RequestHead(
         method="GET",
@@ -547,3 +547,23 @@ def test_fuzz_any_jwks_keys_give_keys_or_the_jwks_error(keys: list[Any]) -> None
     except JwksError:
         return
     assert all(isinstance(k, jwt.PyJWK) for k in usable.values())
+
+
+async def test_repeated_headers_reach_forward_auth_whole_and_are_cached_apart(
+    upstream: Upstream, backend: tuple[AuthBackend, str]
+) -> None:
+    """HTTP/2 sends cookies in crumbs: the backend must see every crumb, and two users who
+    share a first crumb must not share a cached decision."""
+    server, url = backend
+    config = from_document(
+        {"routes": [route_doc(upstream, auth={"type": "forward", "url": url})]}, {}
+    )
+    target = RouteTable(config.routes).resolve("/events/news", ())
+    async with aiohttp.ClientSession() as session:
+        authorizer = auth.Authorizer(session, FakeClock())
+        await authorizer.check(Head([("Cookie", "theme=dark"), ("Cookie", "sid=alice")]), target)
+        await authorizer.check(Head([("Cookie", "theme=dark"), ("Cookie", "sid=bob")]), target)
+    assert [call["Cookie"] for call in server.calls] == [
+        "theme=dark; sid=alice",
+        "theme=dark; sid=bob",
+    ]

@@ -92,6 +92,10 @@ class AuthRequest(Protocol):
         """The raw path without its query string (which may carry a token)."""
         ...
 
+    def joined(self, name: str) -> str | None:
+        """Every value of a header as one (repeated headers joined), or None."""
+        ...
+
     def cookie(self, name: str) -> str | None: ...
 
     def query_value(self, name: str) -> str | None: ...
@@ -214,7 +218,7 @@ class Authorizer:
             # A route pattern may admit what no header can carry (aiohttp's client refuses
             # CR, LF and NUL); the backend must decide on exactly the topic served.
             raise BadRequest("this topic cannot be sent to the auth backend")
-        forwarded = {h: request.headers[h] for h in cfg.headers if h in request.headers}
+        forwarded = {h: v for h in cfg.headers if (v := request.joined(h)) is not None}
         uri = request.path
         if not all(_HEADER_VALUE.fullmatch(v) for v in (uri, *forwarded.values())):
             raise BadRequest("a request header cannot be sent to the auth backend")

@@ -52,6 +52,18 @@ class RequestHead:
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
 
+    def joined(self, name: str) -> str | None:
+        """Every value of a header as one, or None: what a proxy forwards.
+
+        A repeated header is one value joined with ", " (RFC 9110 5.3); Cookie, which
+        HTTP/2 sends in crumbs, with "; " (RFC 9113 8.2.3). Forwarding only the first
+        would drop what the others carry and let different credentials share one cache key.
+        """
+        values = self.headers.getall(name, [])
+        if not values:
+            return None
+        return ("; " if name.lower() == "cookie" else ", ").join(values)
+
     def cookie(self, name: str) -> str | None:
         """A cookie's value from the Cookie headers (HTTP/2 may send several), or None.
 
