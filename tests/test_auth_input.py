@@ -179,7 +179,7 @@ async def test_a_topic_that_cannot_be_a_header_value_gets_400_not_a_traceback(
         assert len(rejected(caplog, 400)) == 1
 
 
-def Head(headers: dict[str, str] | list[tuple[str, str]]) -> RequestHead:  # noqa: N802
+def Head(headers: dict[str, str] | list[tuple[str, str]]) -> RequestHead:
     """A request head as a listener other than aiohttp's would build it."""
     return RequestHead(
         method="GET",
