@@ -6,8 +6,10 @@ import ipaddress
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import ConfigError, from_document
+from gateway.edge.head import RequestHead
 from gateway.edge.policy import client_address
 
 from .conftest import GatewayFactory, route_doc
@@ -102,3 +104,34 @@ async def test_a_forwarded_header_from_an_untrusted_peer_changes_nothing(
     async with session.get(gw.url("/events/t"), headers={"X-Forwarded-For": "5.6.7.8"}) as resp:
         assert resp.status == 429  # both are 127.0.0.1, whatever they claim
     a.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "untrusted"),
+    [
+        ("10.0.0.5", "203.0.113.9", False),  # a trusted proxy, a client named
+        ("10.0.0.5", "not-an-address", False),  # a trusted proxy, a malformed hop
+        ("198.51.100.1", "203.0.113.9", True),  # an unlisted proxy naming a client
+    ],
+)
+def test_only_an_unlisted_peer_naming_a_client_is_an_untrusted_forward(
+    peer: str, xff: str, untrusted: bool
+) -> None:
+    config = from_document(
+        {
+            "server": {"trusted_proxies": ["10.0.0.0/8"]},
+            "routes": [{"path": "/e/{t}", "upstream": "http://u/{t}"}],
+        },
+        {},
+    )
+    head = RequestHead(
+        method="GET",
+        raw_path="/e/a",
+        query=(),
+        headers=CIMultiDictProxy(CIMultiDict({"X-Forwarded-For": xff})),
+        peer=peer,
+        tls=False,
+        scheme="http",
+        host="x",
+    )
+    assert head.forwarded_untrusted(config) is untrusted

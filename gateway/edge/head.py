@@ -97,7 +97,7 @@ class RequestHead:
         """True when the request names a forwarded client that the gateway did not believe:
         the peer looks like a proxy that `[server] trusted_proxies` does not list."""
         forwarded = "X-Forwarded-For" in self.headers or "Forwarded" in self.headers
-        return forwarded and self.client(config) == self.peer
+        return forwarded and not policy.trusted_peer(self.peer, config.server.trusted_proxies)
 
 
 @dataclass(frozen=True, slots=True)

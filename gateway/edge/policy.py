@@ -125,6 +125,12 @@ def client_address(
     return client
 
 
+def trusted_peer(peer: str | None, trusted: tuple[IPNetwork, ...]) -> bool:
+    """True when the socket's peer is one of `[server] trusted_proxies`."""
+    address = _ip(peer) if peer is not None else None
+    return address is not None and _in(address, trusted)
+
+
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An address as a proxy writes it, port or not; None for anything else.
 
