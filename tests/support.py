@@ -529,3 +529,30 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free loopback port in 20000-32767")
+
+
+async def start_runner(runner: web.AppRunner) -> int:
+    """Set `runner` up on a free loopback port; the port. The caller cleans it up."""
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """A throwaway server (a backend, a JWKS) on a free loopback port."""
+    runner = web.AppRunner(app)
+    return runner, await start_runner(runner)
+
+
+async def request_status(port: int, request: bytes, local: str = "127.0.0.1") -> bytes:
+    """One request on its own connection from `local`; the status code of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        return head.split()[1]
+    finally:
+        writer.close()

@@ -16,7 +16,7 @@ from gateway.edge.policy import Admission
 from gateway.errors import ClientLimit, RateLimited
 
 from .conftest import GatewayFactory, route_doc
-from .support import FakeClock, LogWatcher, Upstream, raw_request
+from .support import FakeClock, LogWatcher, Upstream, raw_request, request_status
 from .test_auth import jwt_route, token
 
 # Bounds of the flood: whichever comes first.
@@ -28,19 +28,6 @@ FLOOD_WORKERS = 40
 def config(**limits: Any) -> GatewayConfig:
     doc = {"routes": [{"path": "/e/{t}", "upstream": "http://u/{t}"}], "limits": limits}
     return from_document(doc, {})
-
-
-async def _status(port: int, request: bytes, local: str = "127.0.0.1") -> bytes:
-    """One request on its own connection from `local`; the status code of the answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(5):
-            head = await reader.readuntil(b"\r\n\r\n")
-        return head.split()[1]
-    finally:
-        writer.close()
 
 
 async def test_a_bad_token_flood_from_one_address_never_locks_out_a_valid_client(
@@ -62,7 +49,7 @@ async def test_a_bad_token_flood_from_one_address_never_locks_out_a_valid_client
         while not stop.is_set() and sent < FLOOD_REQUESTS:
             sent += 1
             try:
-                status = await _status(gw.port, bad)
+                status = await request_status(gw.port, bad)
             except (ConnectionError, asyncio.IncompleteReadError):
                 status = b"reset"
             flood_statuses[status] = flood_statuses.get(status, 0) + 1
@@ -77,7 +64,7 @@ async def test_a_bad_token_flood_from_one_address_never_locks_out_a_valid_client
                     lambda lines: any("reason=rate_limit" in x for x in lines), FLOOD_SECONDS
                 )
                 for _ in range(12):
-                    valid.append(await _status(gw.port, good.encode(), local="127.0.0.2"))
+                    valid.append(await request_status(gw.port, good.encode(), local="127.0.0.2"))
         finally:
             stop.set()
             await asyncio.gather(*workers)

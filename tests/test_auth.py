@@ -19,18 +19,9 @@ from gateway.app import reload
 from gateway.config import ConfigError, from_document
 
 from .conftest import GatewayFactory, route_doc
-from .support import Changes, Upstream, connect, events
+from .support import Changes, Upstream, connect, events, serve_app
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-
-
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
-    """A throwaway backend (JWKS, per-user stream) on a free loopback port."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 def token(secret: str = SECRET, algorithm: str = "HS256", **claims: Any) -> str:

@@ -37,7 +37,7 @@ from gateway.errors import BadRequest, GatewayError
 from gateway.metrics import Metrics
 
 from .conftest import Gateway, route_doc
-from .support import FakeClock, Upstream
+from .support import FakeClock, Upstream, serve_app
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
@@ -70,14 +70,6 @@ async def clocked_gateway(clock: FakeClock) -> AsyncIterator[ClockedFactory]:
     yield start
     for runner in reversed(runners):
         await runner.cleanup()
-
-
-async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 async def status_of(session: aiohttp.ClientSession, url: str | URL, **kwargs: Any) -> int:
@@ -139,7 +131,7 @@ async def backend() -> AsyncIterator[tuple[AuthBackend, str]]:
     backend = AuthBackend()
     app = web.Application()
     app.router.add_get("/auth", backend.handle)
-    runner, port = await serve(app)
+    runner, port = await serve_app(app)
     yield backend, f"http://127.0.0.1:{port}/auth"
     await runner.cleanup()
 
@@ -294,7 +286,7 @@ async def jwks() -> AsyncIterator[tuple[Jwks, str]]:
     server = Jwks()
     app = web.Application()
     app.router.add_get("/jwks", server.handle)
-    runner, port = await serve(app)
+    runner, port = await serve_app(app)
     yield server, f"http://127.0.0.1:{port}/jwks"
     await runner.cleanup()
 

@@ -28,7 +28,7 @@ from gateway.config import from_document
 from gateway.metrics import Metrics
 
 from .conftest import route_doc
-from .support import Changes, Upstream, connect, events
+from .support import Changes, Upstream, connect, events, start_runner
 
 
 def live_handlers(exclude: object) -> list[RequestHandler]:
@@ -103,10 +103,7 @@ async def recorded_gateway(upstream: Upstream) -> AsyncIterator[tuple[str, Recor
     # response object exists only from prepare on.
     app.on_response_prepare.append(recorded.on_prepare)
     runner = make_runner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = await start_runner(runner)
     try:
         yield f"http://127.0.0.1:{port}", recorded
     finally:

@@ -17,7 +17,15 @@ from gateway.errors import ClientLimit, GatewayError, RateLimited, TopicLimit
 from gateway.metrics import Metrics
 
 from .conftest import GatewayFactory, route_doc
-from .support import FakeClock, FakeSubscriber, LogWatcher, ScriptedUpstreams, Upstream
+from .support import (
+    FakeClock,
+    FakeSubscriber,
+    LogWatcher,
+    ScriptedUpstreams,
+    Upstream,
+    request_status,
+    start_runner,
+)
 
 
 def setup(
@@ -194,15 +202,7 @@ CYCLE_SECONDS = 4.0
 
 async def _open_and_leave(port: int, path: str, local: str = "127.0.0.1") -> bytes:
     """Start a stream on its own connection from `local`, read its status, and leave."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await writer.drain()
-        async with asyncio.timeout(5):
-            head = await reader.readuntil(b"\r\n\r\n")
-        return head.split()[1]
-    finally:
-        writer.close()
+    return await request_status(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), local)
 
 
 async def test_one_address_cycling_topic_names_over_real_sockets_is_bounded(
@@ -287,10 +287,7 @@ async def test_a_route_filled_while_a_stream_starts_is_a_counted_refusal(
 
     app.on_response_prepare.append(someone_else_opens_a_topic)
     runner = make_runner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = await start_runner(runner)
     try:
         with LogWatcher("gateway.access") as access:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
