@@ -135,3 +135,17 @@ def test_only_an_unlisted_peer_naming_a_client_is_an_untrusted_forward(
         host="x",
     )
     assert head.forwarded_untrusted(config) is untrusted
+
+
+def test_an_ipv4_mapped_trusted_proxy_entry_matches_the_ipv4_peer() -> None:
+    config = from_document(
+        {
+            "server": {"trusted_proxies": ["::ffff:10.0.0.0/104"]},
+            "routes": [{"path": "/e/{t}", "upstream": "http://u/{t}"}],
+        },
+        {},
+    )
+    assert config.server.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert client_address("::ffff:10.1.2.3", ["203.0.113.9"], config.server.trusted_proxies) == (
+        "203.0.113.9"
+    )

@@ -108,10 +108,25 @@ def readable(value: str) -> str | None:
 
 def networks(table: Table, name: str) -> tuple[IPNetwork, ...]:
     """A list of addresses or CIDR blocks, e.g. `["10.0.0.0/8", "::1"]`."""
-    found = []
+    found: list[IPNetwork] = []
     for text in table.strings(name, ()):
         try:
-            found.append(ipaddress.ip_network(text))
+            network = ipaddress.ip_network(text)
         except ValueError as exc:  # names the problem: "has host bits set", "does not appear..."
             table.problem(name, str(exc))
+            continue
+        found.append(_unmapped(network))
     return tuple(found)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it maps:
+    client addresses are compared as IPv4 once unmapped, so the written form must be too."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None  # inside ::ffff:0:0/96
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
