@@ -204,12 +204,15 @@ async def serve(
             log.info("demo backend on http://%s", config.demo.listen)
         app = make_app(config, metrics=metrics)
         runner = await _start(make_runner(app), config.server.listen, "public", tls, shared_port)
-    except (_BindError, StartupError) as exc:
+    except BaseException as exc:
+        # Whatever stopped the start (a bug included): what already listens is closed.
         for started in reversed(runners):
             await started.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        raise StartupError(str(exc)) from None
+        if isinstance(exc, _BindError | StartupError):
+            raise StartupError(str(exc)) from None
+        raise
     runners.append(runner)
     if tls is not None:  # the paths only: key material never reaches a log
         log.info(
