@@ -15,11 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import ADMISSION, HUB, LIFECYCLE, make_app, make_runner
 from gateway.config import from_document
+from gateway.edge.stream import Downstream
 from gateway.metrics import Metrics
 from gateway.sse import Parser
 
 from .conftest import GatewayFactory, route_doc
-from .support import LogWatcher, Upstream, connect, events, raw_request
+from .support import FakeClock, LogWatcher, Upstream, connect, events, raw_request
+from .test_leaks import FakeTransport
 
 HEARTBEAT = b": heartbeat\n\n"
 # The preamble as a chunk: a comment and the retry hint, one block.
@@ -27,7 +29,7 @@ PREAMBLE_CHUNK = b"12\r\n: ok\nretry: 3000\n\n\r\n"
 
 
 async def _stalled_reader(
-    port: int, path: str
+    port: int, path: str, headers: str = ""
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A client that sends a request, then never reads (a tiny receive buffer fills fast)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -35,7 +37,7 @@ async def _stalled_reader(
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
     await writer.drain()
     return reader, writer
 
@@ -64,6 +66,71 @@ async def test_subscriber_that_never_reads_is_cut_off_at_its_limit_while_others_
     assert [e.id for e in good.events] == [str(i) for i in range(sent)] + ["1000"]
     stalled.close()
     good.close()
+
+
+async def test_a_client_that_stops_reading_after_a_replay_is_cut_at_the_write_timeout(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    # A quiet topic and no heartbeat for an hour: nothing is written after the replay, so
+    # only the write-timeout timer can notice that the client does not read.
+    gw = await make_gateway(
+        route_doc(
+            upstream,
+            heartbeat_seconds=3600,
+            write_timeout_seconds=0.5,
+            ring_bytes=16 * 1024 * 1024,
+            max_unsent_bytes=64 * 1024 * 1024,
+        )
+    )
+    live = await connect(session, gw.url("/events/quiet"))
+    await upstream.wait_open("quiet")
+    # 4 MiB of history: far more than the kernel buffers of a client that never reads.
+    await upstream.publish("quiet", *events("quiet", 0, 128, size=32 * 1024))
+    await live.wait_events(128)
+    started = asyncio.get_running_loop().time()
+    _, stalled = await _stalled_reader(gw.port, "/events/quiet", "Last-Event-ID: 0\r\n")
+
+    def slow() -> float:
+        return gw.metric("sse_gateway_connections_closed_total", route="r", outcome="slow")
+
+    async with asyncio.timeout(5):
+        # Nothing signals a close to the test: poll the metric, bounded by the timeout.
+        while not slow():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert 0.5 <= elapsed < 2.5, elapsed
+    assert gw.metric("sse_gateway_subscribers", route="r") == 1
+    stalled.close()
+    live.close()
+
+
+async def test_the_write_timeout_timer_runs_only_while_the_transport_is_backed_up() -> None:
+    clock = FakeClock()
+    transport = FakeTransport()
+    sub = Downstream(
+        transport,  # type: ignore[arg-type]
+        lambda raw: raw,
+        max_unsent_bytes=1_000_000,
+        write_timeout_seconds=5,
+        heartbeat_seconds=0,
+        goodbye=b"",
+        clock=clock,
+        metrics=Metrics(CollectorRegistry()).route("r"),
+    )
+    outcomes = []
+    sub.pause_writing()
+    clock.advance(4)
+    sub.resume_writing()  # drained in time: the timer is gone
+    clock.advance(10)
+    outcomes.append(sub.outcome)
+    sub.pause_writing()
+    sub.pause_writing()  # one timer per backed-up stream, however often it is told
+    clock.advance(4.9)
+    outcomes.append(sub.outcome)
+    clock.advance(0.2)
+    outcomes.append(sub.outcome)
+    assert outcomes == [None, None, "slow"]
+    assert transport.aborted
 
 
 async def test_idle_stream_carries_heartbeats(

@@ -8,7 +8,10 @@ every later write goes straight to the transport with bytes the hub framed
 once for all subscribers: no task wakes per event, nothing waits on a slow
 client, and no task, request or response object is kept per subscriber.
 A client whose unsent bytes pass `max_unsent_bytes` is aborted (it
-reconnects with Last-Event-ID), which bounds memory per subscriber.
+reconnects with Last-Event-ID), which bounds memory per subscriber, and so is
+one whose backlog has not drained for `write_timeout_seconds`: checked at each
+write, and by one timer per backed-up stream for a client nothing is written
+to (see `Downstream.pause_writing`).
 
 A stream ends when the hub closes it, when it is cut off as slow, or when the
 socket reports the client gone (`connection_lost`); its bookkeeping (hub,
@@ -104,6 +107,7 @@ class Downstream(asyncio.Protocol):
         "_metrics",
         "_on_end",
         "_received",
+        "_stall",
         "_transport",
         "_write_timeout",
         "framing",
@@ -131,6 +135,8 @@ class Downstream(asyncio.Protocol):
         self._limit = max_unsent_bytes
         self._write_timeout = write_timeout_seconds
         self._blocked_since: float | None = None
+        # Armed while the transport is past its high-water mark (see `pause_writing`).
+        self._stall: Timer | None = None
         # Backlog a replay may add on top of the limit, so a client is not cut off for the
         # size of what it asked to be replayed; spent as the backlog drains.
         self._allowance = 0
@@ -217,6 +223,9 @@ class Downstream(asyncio.Protocol):
         if self.outcome is not None:
             return
         self.outcome = outcome
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         transport = self._transport
         if outcome == "slow" or transport.get_write_buffer_size() > STALLED_BYTES:
             # Drop what is queued: keeping it would keep the memory the limit exists to bound,
@@ -242,6 +251,34 @@ class Downstream(asyncio.Protocol):
         self._on_end = callback
 
     # The socket's protocol once detached from aiohttp (see `_detach`).
+
+    def pause_writing(self) -> None:
+        """The transport's backlog passed its high-water mark: cut the client off as slow
+        unless it drains (`resume_writing`) within `write_timeout_seconds`.
+
+        `send` judges the backlog only when something is written, so a client that stops
+        reading after a large replay on a quiet topic would otherwise keep it queued until
+        the next event or heartbeat (30 s became ~64 s). The transport's flow control says
+        when a backlog forms and when it is gone, so this costs one timer per backed-up
+        stream, armed and cancelled only when the mark is crossed, and nothing per event on
+        the fan-out path (`send` is unchanged). The heartbeat wheel was the other candidate:
+        it visits a subscriber only when its heartbeat falls due, which is as late as the
+        next heartbeat, and visiting every subscriber at write-timeout granularity would
+        cost a check per subscriber per tick for the few that are backed up. A backlog
+        under the mark (64 KiB) is still judged at the next write, as before.
+        """
+        if self.outcome is None and self._stall is None:
+            self._stall = self._clock.call_later(self._write_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        # Drained below the low-water mark (uvloop: 16 bytes; asyncio: 16 KiB).
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.close("slow")
 
     def data_received(self, data: bytes) -> None:
         # An SSE client has nothing more to say: what it sends (a pipelined request, say) is
@@ -477,6 +514,11 @@ def _detach(request: web.Request, transport: asyncio.Transport, downstream: Down
     """
     handler = request.protocol
     transport.set_protocol(downstream)
+    # A replay written while subscribing paused aiohttp's protocol, not ours: the transport
+    # will tell us only of the resume, so start the write-timeout timer here.
+    _, high_water = transport.get_write_buffer_limits()
+    if transport.get_write_buffer_size() > high_water:
+        downstream.pause_writing()
     handler.transport = None
     handler.connection_lost(None)
     if not transport.is_reading():
