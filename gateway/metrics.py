@@ -68,6 +68,9 @@ DURATION_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 DELIVERY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 # Loop lag: under 1 ms is healthy, 100 ms is users noticing, a second is an outage.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# Reconnect waits: from the default first wait (0.5 s, jittered to 0.25-0.5 s) through the
+# default ceiling (30 s) to the longest an operator is likely to configure.
+BACKOFF_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
 
 def multiprocess() -> bool:
@@ -141,6 +144,15 @@ class Metrics:
             "Upstream attempts or streams that failed, by reason.",
             ["route", "reason"],
             registry=r,
+        )
+        self.upstream_backoff_seconds = Histogram(
+            "sse_gateway_upstream_backoff_seconds",
+            "Waits before reconnecting a topic's upstream: the jittered backoff, at least the "
+            "upstream's retry: but never over reconnect_max_seconds. The sum is time spent "
+            "without an upstream.",
+            ["route"],
+            registry=r,
+            buckets=BACKOFF_BUCKETS,
         )
         self.upstream_runner_restarts = Counter(
             "sse_gateway_upstream_runner_restarts_total",
@@ -263,6 +275,7 @@ class RouteMetrics:
         "subscribers",
         "subscription_seconds",
         "topics",
+        "upstream_backoff_seconds",
         "upstream_connects",
         "upstream_failures",
         "upstream_reconnects",
@@ -279,6 +292,7 @@ class RouteMetrics:
         self.subscription_seconds = m.subscription_seconds.labels(route)
         self.upstream_connects = m.upstream_connects.labels(route)
         self.upstream_reconnects = m.upstream_reconnects.labels(route)
+        self.upstream_backoff_seconds = m.upstream_backoff_seconds.labels(route)
         self.upstream_runner_restarts = m.upstream_runner_restarts.labels(route)
         self.upstream_failures = {
             r: m.upstream_failures.labels(route, r) for r in UPSTREAM_FAILURES

@@ -84,6 +84,16 @@ async def invalid_utf8(request: web.Request) -> web.StreamResponse:
     return await sse_response(request, b"id: 1\ndata: caf\xc3\n\nid: 2\ndata: ok\n\n", hold=True)
 
 
+async def huge_retry(request: web.Request) -> web.StreamResponse:
+    # Once an OverflowError (10**400 / 1000) that crashed the topic's runner.
+    return await sse_response(request, b"retry: %d\n\n" % 10**400)
+
+
+async def years_retry(request: web.Request) -> web.StreamResponse:
+    # 99999999999 ms: three years, which once parked the topic past reconnect_max_seconds.
+    return await sse_response(request, b"retry: 99999999999\n\n")
+
+
 UPSTREAM_FAULTS: dict[str, tuple[Any, dict[str, Any], str, dict[str, str], str]] = {
     # name: (behaviour, route options, metric, labels, log text)
     "refused": (None, {}, "sse_gateway_upstream_failures_total", {"reason": "connect"}, "Connect"),
@@ -122,6 +132,21 @@ UPSTREAM_FAULTS: dict[str, tuple[Any, dict[str, Any], str, dict[str, str], str]]
         "sse_gateway_upstream_failures_total",
         {"reason": "timeout"},
         "idle timeout",
+    ),
+    # The route's reconnect_max_seconds (0.1) bounds the wait, so a reconnect comes soon.
+    "huge_retry": (
+        huge_retry,
+        {},
+        "sse_gateway_upstream_reconnects_total",
+        {},
+        "upstream closed the stream; backing off",
+    ),
+    "years_retry": (
+        years_retry,
+        {},
+        "sse_gateway_upstream_reconnects_total",
+        {},
+        "(its retry: is over reconnect_max_seconds, capped)",
     ),
 }
 

@@ -85,6 +85,7 @@ async def test_traffic_changes_each_metric_by_exactly_what_happened(
         key("sse_gateway_upstream_connects_total", route="r"): 2,
         key("sse_gateway_upstream_reconnects_total", route="r"): 1,
         key("sse_gateway_upstream_failures_total", route="r", reason="read"): 1,
+        key("sse_gateway_upstream_backoff_seconds_count", route="r"): 1,
         key("sse_gateway_events_received_total", route="r"): 3,
         key("sse_gateway_events_delivered_total", route="r"): 2 * 3 + 1 * 2,
         key("sse_gateway_connections_closed_total", route="r", outcome="gone"): 1,
@@ -117,7 +118,13 @@ async def test_traffic_changes_each_metric_by_exactly_what_happened(
         for k in moved
         if k[0].startswith(("sse_gateway_bytes_written_total", "sse_gateway_event_loop_lag"))
         or (
-            k[0].startswith(("sse_gateway_delivery_seconds", "sse_gateway_subscription_duration"))
+            k[0].startswith(
+                (
+                    "sse_gateway_delivery_seconds",
+                    "sse_gateway_subscription_duration",
+                    "sse_gateway_upstream_backoff_seconds",
+                )
+            )
             and k[0].endswith(timing)
         )
         or k[0] in ("sse_gateway_events_delivered_total", "sse_gateway_events_dropped_total")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from itertools import pairwise
 
@@ -195,6 +196,10 @@ CASES: list[tuple[str, bytes, list[Event], str, int | None]] = [
     ("retry-superscript-ignored", "retry: \u00b2\n".encode(), [], "", None),
     ("retry-invalid-keeps-previous", b"retry: 10\nretry: x\n", [], "", 10),
     ("retry-in-event-block", b"retry: 5\ndata: a\n\n", [E("a")], "", 5),
+    # Kept exact however long: bounding it is the reader's policy (the upstream client caps it
+    # at reconnect_max_seconds), and converting it to seconds would overflow a float.
+    ("retry-309-digits-kept-exact", b"retry: " + b"9" * 309 + b"\n", [], "", int("9" * 309)),
+    ("retry-10**400-kept-exact", b"retry: %d\n" % 10**400, [], "", 10**400),
     ("unknown-field-ignored", b"foo: bar\ndata: a\nfoo\n\n", [E("a")], "", None),
     ("field-names-case-sensitive", b"Data: a\nDATA: b\n\n", [], "", None),
     ("space-before-colon-is-other-field", b"data : a\n\n", [], "", None),
@@ -285,6 +290,15 @@ def test_events_come_out_of_the_feed_that_completes_them() -> None:
     assert parser.feed(b"data: a\n\ndata: b\n\nda") == [Event("a"), Event("b")]
     assert parser.feed(b"ta: c\n") == []
     assert parser.feed(b"\n") == [Event("c")]
+
+
+def test_retry_with_more_digits_than_int_accepts_is_ignored_and_keeps_the_previous() -> None:
+    digits = sys.get_int_max_str_digits()
+    if not digits:
+        pytest.skip("int() has no digit limit in this interpreter")
+    parser = Parser()
+    assert parser.feed(b"retry: 7\nretry: " + b"9" * (digits + 1) + b"\ndata: a\n\n") == [E("a")]
+    assert parser.retry_ms == 7
 
 
 def test_close_drops_pending_and_keeps_id_and_retry() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Sequence
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.config import from_document
@@ -52,7 +54,44 @@ class RecordingClock(FakeClock):
         self.proceed.clear()
 
 
-def target_for(upstream: Upstream, **route: object) -> Target:
+class ScriptedUpstream:
+    """A real aiohttp SSE backend: request n gets `bodies[n]` (the last one repeated), then the
+    stream ends; a `None` body is answered with a 502."""
+
+    def __init__(self, *bodies: bytes | None) -> None:
+        self.bodies = bodies
+        self.requests = 0
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream/{{topic}}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/stream/{topic}", self._handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.2)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = self.bodies[min(self.requests, len(self.bodies) - 1)]
+        self.requests += 1
+        if body is None:
+            return web.Response(status=502, text="bad gateway")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(body)
+        return resp  # the stream ends: the client sees a clean EOF
+
+
+def target_for(upstream: Upstream | ScriptedUpstream, **route: object) -> Target:
     doc = {"routes": [{"name": "r", "path": "/e/{topic}", "upstream": upstream.url(), **route}]}
     return RouteTable(from_document(doc, {"TOKEN": "s3cret"}).routes).resolve("/e/x", [])
 
@@ -157,3 +196,82 @@ async def test_5000_consecutive_failures_keep_retrying_within_the_maximum_delay(
             task.cancel()
             reached.cancel()
             await asyncio.gather(task, reached, return_exceptions=True)
+
+
+async def run_until_waits(
+    upstream: ScriptedUpstream, waits: int, metrics: Metrics, **route: object
+) -> CountingClock:
+    """Run one topic's stream against `upstream` until its `waits`-th reconnect wait; the stream
+    must still be running then (it never raised)."""
+    clock = CountingClock(waits)
+    target = target_for(upstream, **route)
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(session, metrics, clock, random.Random(5))
+        task = asyncio.create_task(client.stream(target, RecordingSink()))
+        reached = asyncio.create_task(clock.reached.wait())
+        try:
+            async with asyncio.timeout(10):
+                await asyncio.wait({task, reached}, return_when=asyncio.FIRST_COMPLETED)
+            assert not task.done(), task
+        finally:
+            task.cancel()
+            reached.cancel()
+            await asyncio.gather(task, reached, return_exceptions=True)
+    return clock
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [b"99999999999", b"9" * 309, b"%d" % 10**400],
+    ids=["eleven-digits", "309-digits", "10**400"],
+)
+async def test_an_upstreams_huge_retry_is_capped_at_reconnect_max_seconds(retry: bytes) -> None:
+    # Each response says `retry: <huge>` and ends. Uncapped, the topic was parked for years
+    # (eleven digits: 3 years) or its runner crashed with OverflowError (10**400 / 1000).
+    upstream = ScriptedUpstream(b"retry: " + retry + b"\n\n")
+    await upstream.start()
+    metrics = Metrics(CollectorRegistry())
+    try:
+        clock = await run_until_waits(
+            upstream, 3, metrics, reconnect_initial_seconds=0.5, reconnect_max_seconds=2
+        )
+    finally:
+        await upstream.stop()
+    assert clock.waits == [2.0, 2.0, 2.0]  # honoured as a minimum, up to the operator's maximum
+    assert upstream.requests == 3  # and the topic kept reconnecting
+    sample = metrics.registry.get_sample_value
+    assert sample("sse_gateway_upstream_backoff_seconds_count", {"route": "r"}) == 3
+    assert sample("sse_gateway_upstream_backoff_seconds_sum", {"route": "r"}) == 6.0
+    assert sample("sse_gateway_upstream_reconnects_total", {"route": "r"}) == 2
+
+
+async def test_backing_off_is_a_warning_once_per_outage_not_per_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Three refusals (one outage), a stream that delivers then ends (a new outage), two more.
+    upstream = ScriptedUpstream(None, None, None, b"id: 1\ndata: a\n\n", None)
+    await upstream.start()
+    metrics = Metrics(CollectorRegistry())
+    caplog.set_level(logging.DEBUG, logger="gateway.upstream.client")
+    try:
+        clock = await run_until_waits(upstream, 6, metrics, reconnect_max_seconds=5)
+    finally:
+        await upstream.stop()
+    records = [r for r in caplog.records if r.name == "gateway.upstream.client"]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    url = upstream.url().format(topic="x")
+    assert warnings == [
+        f"upstream {url} for route r: HTTP status 502; backing off, "
+        f"reconnecting in {clock.waits[0]:.2f}s",
+        f"upstream {url} for route r: upstream closed the stream; backing off, "
+        f"reconnecting in {clock.waits[3]:.2f}s",
+    ]
+    debug = [r.getMessage() for r in records if r.levelno == logging.DEBUG]
+    assert len([m for m in debug if "HTTP status 502; still backing off" in m]) == 4
+    assert f"upstream {url} for route r delivers again after 3 failed attempts" in [
+        r.getMessage() for r in records if r.levelno == logging.INFO
+    ]
+    count = metrics.registry.get_sample_value(
+        "sse_gateway_upstream_backoff_seconds_count", {"route": "r"}
+    )
+    assert count == len(clock.waits) == 6

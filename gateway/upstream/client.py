@@ -5,7 +5,10 @@ checks the response (2xx and `text/event-stream`, else a logged reason),
 feeds every chunk to a fresh `sse.Parser` as soon as it arrives and publishes
 the events of that read as one batch. When the stream ends or fails it
 reconnects after a jittered exponential backoff, never sooner than the
-upstream's `retry:`, and resumes with `Last-Event-ID`. Failures stay inside
+upstream's `retry:` but never later than the route's `reconnect_max_seconds` (an
+upstream cannot park a topic), and resumes with `Last-Event-ID`. The first
+failure since events last flowed is a warning, the outage's further attempts
+are debug lines, and every wait is observed in a histogram. Failures stay inside
 the topic's own task: nothing here raises into the hub except cancellation.
 `catch_up` is the same request made once, for the events after a client's
 Last-Event-ID; it ends when the hub has what it needs or the stream ends.
@@ -118,13 +121,21 @@ class UpstreamClient:
                 # client reconnects (with its Last-Event-ID) on its own schedule.
                 log.info("direct upstream %s ended: %s", target.upstream_url, detail)
                 return
-            delay = backoff.next_delay((parser.retry_ms or 0) / 1000)
-            log.warning(
-                "upstream %s for route %s: %s; reconnecting in %.2fs",
+            retry_seconds, capped = _retry_floor(parser.retry_ms, route.reconnect_max_seconds)
+            # An episode starts with the first failure since events last flowed (that is when
+            # the backoff resets): warn once there, not on every attempt of a long outage.
+            first = backoff.attempt == 0
+            delay = backoff.next_delay(retry_seconds)
+            metrics.upstream_backoff_seconds.observe(delay)
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "upstream %s for route %s: %s; %s, reconnecting in %.2fs%s",
                 target.upstream_url,
                 route.name,
                 detail,
+                "backing off" if first else "still backing off",
                 delay,
+                " (its retry: is over reconnect_max_seconds, capped)" if capped else "",
             )
             await self._clock.sleep(delay)
 
@@ -186,7 +197,13 @@ class UpstreamClient:
                         oversize = parser.oversize_events
                     if events:
                         sink.publish(events)
-                        if backoff is not None:
+                        if backoff is not None and backoff.attempt:
+                            log.info(
+                                "upstream %s for route %s delivers again after %d failed attempts",
+                                target.upstream_url,
+                                target.route.name,
+                                backoff.attempt,
+                            )
                             backoff.reset()
         except TimeoutError:
             if connected:
@@ -197,6 +214,20 @@ class UpstreamClient:
             # it must stay a failure of this attempt, never reach the hub.
             reason = "read" if connected else "connect"
             raise _Failed(reason, f"{type(exc).__name__}: {exc}") from None
+
+
+def _retry_floor(retry_ms: int | None, max_seconds: float) -> tuple[float, bool]:
+    """The upstream's `retry:` as a minimum wait in seconds, capped at `max_seconds`.
+
+    The parser keeps the value exact, so it can have hundreds of digits: compared before any
+    division (an int/float comparison is exact, `10**400 / 1000` raises OverflowError), the
+    upstream's hint is honoured only up to the operator's maximum. Returns (seconds, capped).
+    """
+    if retry_ms is None:
+        return 0.0, False
+    if retry_ms > max_seconds * 1000:
+        return max_seconds, True
+    return retry_ms / 1000, False
 
 
 def _request_headers(target: Target) -> dict[str, str]:
