@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway.core.route import Target
 from gateway.core.topic import Topic, UpstreamSink
+from gateway.edge.stream import Downstream
+from gateway.metrics import Metrics
 from gateway.sse import Event, Parser, encode_many
 
 
@@ -556,3 +559,38 @@ async def request_status(port: int, request: bytes, local: str = "127.0.0.1") ->
         return head.split()[1]
     finally:
         writer.close()
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.backlog = 0
+        self.writes: list[bytes] = []
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.backlog
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def fake_downstream(
+    transport: FakeTransport, clock: FakeClock, *, max_unsent_bytes: int = 1_000_000
+) -> Downstream:
+    """A subscriber on a transport the test controls (its backlog, whether it closed)."""
+    return Downstream(
+        transport,  # type: ignore[arg-type]
+        lambda raw: raw,
+        max_unsent_bytes=max_unsent_bytes,
+        write_timeout_seconds=5,
+        heartbeat_seconds=0,
+        goodbye=b"",
+        clock=clock,
+        metrics=Metrics(CollectorRegistry()).route("r"),
+    )

@@ -15,13 +15,20 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import ADMISSION, HUB, LIFECYCLE, make_app, make_runner
 from gateway.config import from_document
-from gateway.edge.stream import Downstream
 from gateway.metrics import Metrics
 from gateway.sse import Parser
 
 from .conftest import GatewayFactory, route_doc
-from .support import FakeClock, LogWatcher, Upstream, connect, events, raw_request
-from .test_leaks import FakeTransport
+from .support import (
+    FakeClock,
+    FakeTransport,
+    LogWatcher,
+    Upstream,
+    connect,
+    events,
+    fake_downstream,
+    raw_request,
+)
 
 HEARTBEAT = b": heartbeat\n\n"
 # The preamble as a chunk: a comment and the retry hint, one block.
@@ -107,16 +114,7 @@ async def test_a_client_that_stops_reading_after_a_replay_is_cut_at_the_write_ti
 async def test_the_write_timeout_timer_runs_only_while_the_transport_is_backed_up() -> None:
     clock = FakeClock()
     transport = FakeTransport()
-    sub = Downstream(
-        transport,  # type: ignore[arg-type]
-        lambda raw: raw,
-        max_unsent_bytes=1_000_000,
-        write_timeout_seconds=5,
-        heartbeat_seconds=0,
-        goodbye=b"",
-        clock=clock,
-        metrics=Metrics(CollectorRegistry()).route("r"),
-    )
+    sub = fake_downstream(transport, clock, max_unsent_bytes=1_000_000)
     outcomes = []
     sub.pause_writing()
     clock.advance(4)

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from .conftest import Gateway, GatewayFactory, route_doc
-from .support import Client, LogWatcher, Upstream, connect, events, raw_request
+from .support import Client, LogWatcher, Upstream, connect, events, raw_request, start_runner
 
 
 class FaultyUpstream:
@@ -39,10 +39,7 @@ class FaultyUpstream:
 
         app.router.add_get("/stream/{topic}", handle)
         self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.2)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = await start_runner(self.runner)
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -7,14 +7,11 @@ import os
 from collections.abc import Callable
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from gateway.app import ADMISSION
-from gateway.edge.stream import Downstream
-from gateway.metrics import Metrics
 
 from .conftest import GatewayFactory, route_doc
-from .support import FakeClock, Upstream
+from .support import FakeClock, FakeTransport, Upstream, fake_downstream
 
 
 def open_fds() -> int:
@@ -62,38 +59,10 @@ async def test_5000_connect_disconnect_cycles_across_50_topics_leak_nothing(
     assert gw.app[ADMISSION].total == 0
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.backlog = 0
-        self.writes: list[bytes] = []
-        self.aborted = False
-
-    def is_closing(self) -> bool:
-        return self.aborted
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self.backlog
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 async def test_subscriber_blocked_past_the_write_timeout_is_cut_off() -> None:
     clock = FakeClock()
     transport = FakeTransport()
-    sub = Downstream(
-        transport,  # type: ignore[arg-type]
-        lambda raw: raw,
-        max_unsent_bytes=1_000_000,
-        write_timeout_seconds=5,
-        heartbeat_seconds=0,
-        goodbye=b"",
-        clock=clock,
-        metrics=Metrics(CollectorRegistry()).route("r"),
-    )
+    sub = fake_downstream(transport, clock, max_unsent_bytes=1_000_000)
     transport.backlog = 10  # the client stops reading: a small backlog that never drains
     assert sub.send(b"a")
     clock.advance(4)
@@ -115,16 +84,7 @@ async def test_a_stream_closed_before_its_end_callback_is_set_still_ends() -> No
     # subscribe() may cut a subscriber off (its replay found the socket backed up) before
     # serve() has set the end callback: the callback set afterwards must still run.
     transport = FakeTransport()
-    sub = Downstream(
-        transport,  # type: ignore[arg-type]
-        lambda raw: raw,
-        max_unsent_bytes=10,
-        write_timeout_seconds=5,
-        heartbeat_seconds=0,
-        goodbye=b"",
-        clock=FakeClock(),
-        metrics=Metrics(CollectorRegistry()).route("r"),
-    )
+    sub = fake_downstream(transport, FakeClock(), max_unsent_bytes=10)
     transport.backlog = 100
     assert not sub.replay(b"x" * 50, 1)
     assert sub.outcome == "slow"

@@ -19,7 +19,7 @@ from gateway.sse import Event
 from gateway.timing import Backoff
 from gateway.upstream.client import UpstreamClient
 
-from .support import FakeClock, Upstream
+from .support import FakeClock, Upstream, start_runner
 
 
 class RecordingSink:
@@ -71,10 +71,7 @@ class ScriptedUpstream:
         app = web.Application()
         app.router.add_get("/stream/{topic}", self._handle)
         self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.2)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = await start_runner(self.runner)
 
     async def stop(self) -> None:
         if self.runner is not None:
