@@ -46,6 +46,18 @@ UPSTREAM_STATES = ("connecting", "connected", "backoff")
 DROP_REASONS = ("oversize", "invalid", "slow")
 # How a subscriber arriving with a Last-Event-ID was served.
 REPLAY_OUTCOMES = ("hit", "catchup")
+# Why a resuming subscriber got a `gap` event; the `reason` label of gaps_total (README,
+# "Nothing lost", says what each means).
+GAP_REASONS = (
+    "not_in_ring",
+    "catch_up_limit",
+    "catch_up_failed",
+    "catch_up_timeout",
+    "catch_up_overflow",
+    "ring_evicted",
+    "upstream_ignored_resume",
+    "resume_unconfirmed",
+)
 # Why a request was refused before it became a subscriber.
 REJECT_REASONS = (
     "not_found",
@@ -220,8 +232,8 @@ class Metrics:
         )
         self.gaps = Counter(
             "sse_gateway_gaps_total",
-            "Gap events sent: a subscriber's missed events could not be delivered.",
-            ["route"],
+            "Gap events sent: a subscriber's missed events could not be delivered, by reason.",
+            ["route", "reason"],
             registry=r,
         )
         self.requests_rejected = Counter(
@@ -306,4 +318,4 @@ class RouteMetrics:
         self.replays = {o: m.replays.labels(route, o) for o in REPLAY_OUTCOMES}
         self.replayed_events = m.replayed_events.labels(route)
         self.catchup_requests = m.catchup_requests.labels(route)
-        self.gaps = m.gaps.labels(route)
+        self.gaps = {r: m.gaps.labels(route, r) for r in GAP_REASONS}

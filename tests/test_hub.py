@@ -377,7 +377,8 @@ async def test_a_restarted_runner_never_resumes_from_a_clients_id(
         async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
             self.catchups.append((last_event_id, sink))
             self.changes.notify()
-            await asyncio.Event().wait()  # ignores the unknown id: a quiet live stream
+            sink.publish([Event("fetched", id="fetched")])  # what followed the client's id
+            await asyncio.Event().wait()
 
     upstreams = Quiet()
     hub = Hub(upstreams, clock, metrics)
@@ -387,7 +388,8 @@ async def test_a_restarted_runner_never_resumes_from_a_clients_id(
     hub.subscribe(target, FakeSubscriber(), "client-chosen")
     await upstreams.changes.until(lambda: len(upstreams.catchups) == 1)
     clock.advance(5.0)  # the catch-up falls silent: complete, bridged at the client's id
-    assert topic.ring.newest_id == "client-chosen"
+    assert topic.ring.after("client-chosen", clock.now()) == [b"id: fetched\ndata: fetched\n\n"]
+    assert topic.ring.newest_id == "fetched"
     upstreams.breaking.set()
     await upstreams.changes.until(lambda: upstreams.crashed)
     clock.advance(60.0)

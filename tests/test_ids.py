@@ -136,7 +136,6 @@ UPSTREAM_EVENTS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="wired into topic by the core change")
 async def test_a_client_resumes_with_the_replaced_id_it_was_sent(
     upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
 ) -> None:

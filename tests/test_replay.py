@@ -96,7 +96,7 @@ async def test_unknown_id_without_upstream_resume_gets_a_gap_event(
     assert events[0].id is None  # leaves the client's lastEventId alone
     assert json.loads(events[0].data) == {"lastEventId": "old", "reason": "not_in_ring"}
     assert ids(sub) == [None, "1"]
-    assert value(metrics, "sse_gateway_gaps_total") == 1
+    assert value(metrics, "sse_gateway_gaps_total", reason="not_in_ring") == 1
     assert upstreams.catchups == []
 
 
@@ -162,7 +162,7 @@ async def test_catch_up_that_ends_short_of_the_ring_times_out_into_a_gap(
     assert [e.id for e in events[:2]] == ["2", "3"]
     assert events[2].event == "gap"
     assert json.loads(events[2].data)["reason"] == "catch_up_timeout"
-    assert value(metrics, "sse_gateway_gaps_total") == 1
+    assert value(metrics, "sse_gateway_gaps_total", reason="catch_up_timeout") == 1
 
 
 async def test_catch_up_does_not_time_out_while_the_topic_upstream_is_down(
@@ -174,12 +174,17 @@ async def test_catch_up_does_not_time_out_while_the_topic_upstream_is_down(
     sink = upstreams.sinks[t.topic_key]
     sub = FakeSubscriber()
     hub.subscribe(t, sub, "5")
+    clock.advance(30)  # the topic's own upstream is still connecting: the client waits
+    assert sub.received == []
+    assert upstreams.catchups == []  # a catch-up starts once the topic's own stream is up
+    sink.set_state("connected")
     await upstreams.wait_catchups()
     upstreams.catchups[0][1].publish(numbered(6, 3))
-    clock.advance(30)  # the topic's own upstream is still connecting
+    sink.set_state("backoff")  # ...and the topic's upstream drops again before it meets it
+    clock.advance(30)
     assert sub.received == []
     sink.set_state("connected")
-    sink.publish(numbered(6, 4))  # it comes back and meets the catch-up at 6
+    sink.publish(numbered(7, 3))  # it comes back and meets the catch-up at 7
     assert ids(sub) == ["6", "7", "8", "9"]
 
 
@@ -194,13 +199,20 @@ async def test_catch_up_and_cap_time_out_when_the_topic_is_live(
     sink.publish(numbered(50, 1))
     first, second = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(t, first, "1")
-    hub.subscribe(t, second, "2")  # a second distinct id: over the cap
-    assert json.loads(received(second)[0].data)["reason"] == "catch_up_limit"
+    hub.subscribe(t, second, "2")  # a second distinct id: it waits for the first's catch-up
     await upstreams.wait_catchups()
-    clock.advance(3)
+    clock.advance(2)  # parked past PARK_SECONDS, but the cap leaves no room for its own
+    assert len(upstreams.catchups) == 1
+    assert second.received == []
+    clock.advance(1)
     assert json.loads(received(first)[0].data)["reason"] == "catch_up_timeout"
+    await upstreams.wait_catchups(2)  # the slot is free: the second id's turn
+    assert upstreams.catchups[1][0] == "2"
+    clock.advance(3)
+    assert json.loads(received(second)[0].data)["reason"] == "catch_up_timeout"
     sink.publish(numbered(51, 1))
     assert ids(first)[-1] == "51"
+    assert ids(second)[-1] == "51"
 
 
 async def test_clients_returning_after_a_restart_share_one_catch_up_and_bridge_the_ring(
@@ -249,10 +261,11 @@ async def test_repeated_ids_splice_where_the_streams_line_up(
     sink = upstreams.sinks[t.topic_key]
     sink.publish([Event("a", id="7"), Event("b", id="7"), Event("c", id="8")])
     sub = FakeSubscriber()
-    hub.subscribe(t, sub, "6")
+    hub.subscribe(t, sub, "5")
     await upstreams.wait_catchups()
-    upstreams.catchups[0][1].publish([Event("a", id="7"), Event("b", id="7")])
-    assert [e.data for e in received(sub)] == ["a", "b", "c"]
+    catchup = upstreams.catchups[0][1]
+    catchup.publish([Event("z", id="6"), Event("a", id="7"), Event("b", id="7")])
+    assert [e.data for e in received(sub)] == ["z", "a", "b", "c"]
 
 
 async def test_the_newest_id_is_a_hit_after_a_quiet_topic_aged_out_of_the_ring(

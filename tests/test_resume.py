@@ -77,7 +77,7 @@ async def test_upstream_that_cannot_resume_yields_a_counted_gap_event(
     assert json.loads(gap.data) == {"lastEventId": "2", "reason": "not_in_ring"}
     await publisher.task
     await late.changes.until(lambda: late.events[-1].id == "40")
-    assert gw.metric("sse_gateway_gaps_total", route="r") == 1
+    assert gw.metric("sse_gateway_gaps_total", route="r", reason="not_in_ring") == 1
     assert len(upstream.connections) == 1  # no catch-up was attempted
     await asyncio.gather(steady.stop(), late.stop())
 

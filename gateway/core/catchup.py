@@ -30,7 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from ..sse import EncodeError, Event, encode
+from ..sse import EncodeError, Event
 from ..timing import Clock, Timer
 from .ring import Ring
 
@@ -47,6 +47,14 @@ class Owner(Protocol):
 
     ring: Ring
 
+    def encode(self, event: Event) -> tuple[str | None, bytes]:
+        """The (id, wire bytes) the topic would send for `event`; raises EncodeError."""
+        ...
+
+    def catchup_buffered(self, catchup: CatchUp, event_id: str) -> None:
+        """`catchup` now holds `event_id`: a client waiting for that id can wait on it."""
+        ...
+
     def catchup_may_finish(self, catchup: CatchUp) -> bool:
         """True when the topic is live and has published nothing since `catchup` began."""
         ...
@@ -58,13 +66,13 @@ class Owner(Protocol):
     def catchup_done(
         self,
         catchup: CatchUp,
-        prefix: list[tuple[str | None, bytes]],
-        splice_id: str | None,
+        meet: int | None,
         reason: str,
         batch: Sequence[tuple[str | None, bytes]] = (),
     ) -> None:
-        """`batch`: the (id, bytes) being published when the topic met the catch-up, so the
-        splice still finds what follows the meeting id if a tiny ring already evicted it."""
+        """`catchup` ended: spliced at `buffer[meet]`, or (meet None) complete or failed for
+        `reason`. `batch`: the (id, bytes) being published when the topic met the catch-up,
+        so the splice still finds what follows the meeting id if a tiny ring evicted it."""
         ...
 
 
@@ -72,7 +80,6 @@ class CatchUp:
     """One shared upstream catch-up for (topic, last event id)."""
 
     __slots__ = (
-        "_buffer",
         "_buffer_bytes",
         "_clock",
         "_ids",
@@ -81,6 +88,7 @@ class CatchUp:
         "_quiet",
         "_timeout",
         "_timeout_seconds",
+        "buffer",
         "done",
         "last_event_id",
         "started_seq",
@@ -92,7 +100,8 @@ class CatchUp:
         self.last_event_id = last_event_id
         self._clock = clock
         self._limit_bytes = limit_bytes
-        self._buffer: list[tuple[str | None, bytes]] = []
+        # What the upstream returned after `last_event_id`, in order: (id, wire bytes).
+        self.buffer: list[tuple[str | None, bytes]] = []
         self._buffer_bytes = 0
         self._ids: dict[str, int] = {}
         self.started_seq = owner.ring.next_seq
@@ -106,21 +115,24 @@ class CatchUp:
 
     def publish(self, events: Sequence[Event]) -> None:
         now = self._clock.now()
-        ring = self._owner.ring
+        owner = self._owner
+        ring = owner.ring
         for event in events:
             if self.done:
                 return
             try:
-                data = encode(event)
+                event_id, data = owner.encode(event)
             except EncodeError:
                 continue
-            self._buffer.append((event.id, data))
+            self.buffer.append((event_id, data))
             self._buffer_bytes += len(data)
-            if event.id:
-                self._ids.setdefault(event.id, len(self._buffer) - 1)
-                if ring.has(event.id, now):
-                    self.splice(event.id)
-                    return
+            if event_id:
+                index = len(self.buffer) - 1
+                if self._ids.setdefault(event_id, index) == index:
+                    if ring.has(event_id, now):
+                        self.splice(index)
+                        return
+                    owner.catchup_buffered(self, event_id)
             if self._buffer_bytes > self._limit_bytes:
                 self.fail("catch_up_overflow")
                 return
@@ -134,21 +146,22 @@ class CatchUp:
 
     # --- driven by the topic -------------------------------------------------------
 
-    def buffered(self, event_id: str) -> bool:
-        return event_id in self._ids
+    def index(self, event_id: str) -> int | None:
+        """Where `event_id` first is in the buffer, if it is."""
+        return self._ids.get(event_id)
 
-    def splice(self, event_id: str, batch: Sequence[tuple[str | None, bytes]] = ()) -> None:
-        """Meet the ring at `event_id`: the buffer up to it, then the ring after it.
+    def splice(self, index: int, batch: Sequence[tuple[str | None, bytes]] = ()) -> None:
+        """Meet the ring at `buffer[index]`: the buffer up to it, then the ring after it.
 
-        `batch` is the topic's batch being published when it met `event_id`, if that is how.
+        `batch` is the topic's batch being published when it met the catch-up, if that is how.
         """
-        self._finish(self._buffer[: self._ids[event_id] + 1], event_id, "spliced", batch)
+        self._finish(index, "spliced", batch)
 
     def fail(self, reason: str) -> None:
-        self._finish(self._buffer, None, reason)
+        self._finish(None, reason)
 
     def cancel(self) -> None:
-        """The topic is closing: stop, and tell nobody (its subscribers are being closed)."""
+        """Nobody needs it any more (or the topic is closing): stop, and tell nobody."""
         self._stop()
 
     def start(self, request: Callable[[CatchUp], Awaitable[None]], timeout_seconds: float) -> None:
@@ -169,7 +182,7 @@ class CatchUp:
         if self.done:
             return
         if self._owner.catchup_may_finish(self):
-            self._finish(self._buffer, None, "complete")
+            self._finish(None, "complete")
         else:
             self._arm_quiet()
 
@@ -184,8 +197,6 @@ class CatchUp:
 
     def _stop(self) -> None:
         self.done = True
-        self._buffer = []
-        self._ids = {}
         for timer in (self._quiet, self._timeout):
             if timer is not None:
                 timer.cancel()
@@ -195,16 +206,16 @@ class CatchUp:
             self.task.cancel()
 
     def _finish(
-        self,
-        prefix: list[tuple[str | None, bytes]],
-        splice_id: str | None,
-        reason: str,
-        batch: Sequence[tuple[str | None, bytes]] = (),
+        self, meet: int | None, reason: str, batch: Sequence[tuple[str | None, bytes]] = ()
     ) -> None:
         if self.done:
             return
         self._stop()
-        self._owner.catchup_done(self, prefix, splice_id, reason, batch)
+        try:
+            self._owner.catchup_done(self, meet, reason, batch)
+        finally:
+            self.buffer = []
+            self._ids = {}
 
     async def _run(self, request: Callable[[CatchUp], Awaitable[None]]) -> None:
         """Drive the upstream request. Its end is not failure by itself: a catch-up that ended

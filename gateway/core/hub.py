@@ -32,6 +32,7 @@ from ..config import LimitsConfig
 from ..errors import ClientLimit, RateLimited, TopicLimit
 from ..metrics import Metrics
 from ..timing import Clock, Timer
+from . import ids
 from .route import Target
 from .topic import Subscriber, Topic, Upstreams
 
@@ -59,7 +60,7 @@ class Hub:
         self.metrics = metrics
         self.upstreams = upstreams
         # Replaced on reload; None (no per-client open limits) until the app hands it over.
-        self.limits = limits
+        self._limits = limits
         self._topics: dict[str, Topic] = {}
         self._route_topics: dict[str, int] = {}
         self._lingering: dict[Topic, Timer] = {}
@@ -74,6 +75,20 @@ class Hub:
         self._drains: list[asyncio.Event] = []
         self._stopping: set[asyncio.Task[None]] = set()
         self._closing = False
+
+    @property
+    def limits(self) -> LimitsConfig | None:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: LimitsConfig | None) -> None:
+        """A reload: open topics send ids the door's new limit takes back, too."""
+        self._limits = limits
+        for topic in self._topics.values():
+            topic.max_id_bytes = self._max_id_bytes()
+
+    def _max_id_bytes(self) -> int:
+        return self._limits.max_last_event_id_bytes if self._limits else ids.DEFAULT_MAX_ID_BYTES
 
     @property
     def topics(self) -> dict[str, Topic]:
@@ -137,7 +152,9 @@ class Hub:
         if topic is None:
             route = target.route
             rm = self.metrics.route(route.name)
-            topic = Topic(target, rm, self.clock, self.upstreams, self._failed)
+            topic = Topic(
+                target, rm, self.clock, self.upstreams, self._failed, self._max_id_bytes()
+            )
             self._topics[target.topic_key] = topic
             self._route_topics[route.name] = self._route_topics.get(route.name, 0) + 1
             rm.topics.inc()

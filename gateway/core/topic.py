@@ -12,13 +12,15 @@ Invariants (DESIGN.md, "The data path"):
   between two publishes can never land inside an event.
 - Resume without gap or duplicate: a subscriber arriving with a Last-Event-ID
   gets the ring after that id and joins the live group in the same
-  synchronous step. An id the ring does not hold is fetched from the
-  upstream (`catchup`), shared per (topic, id) and capped per topic; when
-  that is impossible the subscriber gets an in-band `gap` event.
+  synchronous step. An id the ring does not hold is the resumer's
+  (`resume.py`): shared catch-ups from the upstream, or an in-band `gap`.
 - No client input steers the shared stream: a topic's own upstream always
-  opens live. Clients reconnecting after a gateway restart share one
-  catch-up per distinct id instead, so a junk or hours-old id costs one
-  bounded request, never the topic.
+  opens live. Clients reconnecting after a gateway restart share catch-ups
+  instead, so a junk or hours-old id costs one bounded request, never the
+  topic.
+- What the gateway sends, it accepts back: an upstream id a client could not
+  send back as Last-Event-ID is replaced by a gateway id (`ids.py`) before
+  it is encoded, the same way live and in a catch-up, so the two still meet.
 - Subscriber <-> topic is many-to-many: a subscriber records the topics it is
   in (`topics`), so one stream can later follow several.
 
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,9 @@ from typing import Protocol
 from ..metrics import RouteMetrics
 from ..sse import EncodeError, Event, encode
 from ..timing import Backoff, Clock
+from . import ids
 from .catchup import CatchUp
+from .resume import Resumer
 from .ring import Ring, RingLimits
 from .route import Target
 
@@ -97,33 +100,24 @@ class Upstreams(Protocol):
         ...
 
 
-def gap_event(last_event_id: str, reason: str) -> bytes:
-    """The in-band notice that events after `last_event_id` cannot be delivered.
-
-    It carries no id, so the client's lastEventId stays where it was.
-    """
-    data = json.dumps({"lastEventId": last_event_id, "reason": reason}, separators=(",", ":"))
-    return encode(Event(data, event="gap"))
-
-
 class Topic:
     """One upstream subscription, its replay ring and the subscribers that share it."""
 
     __slots__ = (
         "_bytes_out",
-        "_catchups",
         "_clock",
         "_events_out",
         "_groups",
         "_live_id",
         "_live_since",
         "_on_failed",
-        "_pending",
+        "_resumer",
         "_snapshot",
         "_upstream",
         "_upstreams",
         "key",
         "last_publish",
+        "max_id_bytes",
         "metrics",
         "ring",
         "state",
@@ -138,6 +132,7 @@ class Topic:
         clock: Clock,
         upstreams: Upstreams,
         on_failed: Callable[[Topic, str], None],
+        max_id_bytes: int = ids.DEFAULT_MAX_ID_BYTES,
     ) -> None:
         route = target.route
         self._clock = clock
@@ -149,13 +144,14 @@ class Topic:
         self.metrics = metrics
         self.ring = Ring(RingLimits(route.ring_events, route.ring_bytes, route.ring_seconds))
         # Every subscriber of the topic; the live ones are also in a framing group, the
-        # ones waiting for a catch-up are in `_pending` instead.
+        # ones waiting for a catch-up are the resumer's until they go live.
         self.subscribers: dict[Subscriber, None] = {}
         self._groups: dict[Framing, dict[Subscriber, None]] = {}
         # Rebuilt only when membership changes, so publish iterates plain tuples.
         self._snapshot: tuple[tuple[Framing, tuple[Subscriber, ...]], ...] | None = None
-        self._catchups: dict[str, CatchUp] = {}
-        self._pending: dict[Subscriber, CatchUp] = {}
+        # The longest id a client may send back (`[limits] max_last_event_id_bytes`).
+        self.max_id_bytes = max_id_bytes
+        self._resumer: Resumer[Subscriber] = Resumer(self, clock)
         # What every live subscriber was handed, counted once per batch: a subscriber's own
         # share is the difference since it went live (for its access log line).
         self._events_out = 0
@@ -184,13 +180,13 @@ class Topic:
             if event.id is not None:
                 live_id = event.id or None  # "" is the upstream resetting its id
             try:
-                data = encode(event)
+                event_id, data = self.encode(event)
             except EncodeError:
                 self.dropped("invalid")
                 continue
             parts.append(data)
-            batch.append((event.id, data))
-            ring.append(event.id, data, now)
+            batch.append((event_id, data))
+            ring.append(event_id, data, now)
         self._live_id = live_id
         if not parts:
             return
@@ -222,11 +218,18 @@ class Topic:
             metrics.bytes_written.inc(written)
         if refused:
             metrics.dropped["slow"].inc(len(parts) * refused)
-        if self._catchups:
-            for event_id, _ in batch:
-                for catchup in list(self._catchups.values()):
-                    if event_id and catchup.buffered(event_id):
-                        catchup.splice(event_id, batch)
+        if self._resumer.busy:
+            self._resumer.published(batch)
+
+    def encode(self, event: Event) -> tuple[str | None, bytes]:
+        """The id this topic sends for `event` and its wire bytes; raises EncodeError."""
+        event_id = event.id
+        if event_id:
+            wire = ids.wire_id(event_id, self.max_id_bytes)
+            if wire is not event_id:
+                event_id = wire
+                event = dataclasses.replace(event, id=wire)
+        return event_id, encode(event)
 
     def set_state(self, state: str) -> None:
         if state != self.state:
@@ -234,6 +237,8 @@ class Topic:
             states[self.state].dec()
             states[state].inc()
             self.state = state
+            if state == "connected":
+                self._resumer.unpark()  # catch-ups wait for the topic's own stream
 
     @property
     def connected(self) -> bool:
@@ -249,91 +254,25 @@ class Topic:
         self._snapshot = None
         self._live_since[sub] = (self._events_out, self._bytes_out.get(sub.framing, 0))
 
-    def _send_parts(self, sub: Subscriber, parts: list[bytes], tail: bytes = b"") -> None:
-        if parts or tail:
-            sub.replay(sub.framing(b"".join(parts) + tail), len(parts) + bool(tail))
-            self.metrics.replayed_events.inc(len(parts))
-
-    def _resume(self, sub: Subscriber, last_event_id: str) -> None:
-        """Deliver what `sub` missed after `last_event_id`, then make it live (or pending)."""
-        route = self.target.route
-        replay = self.ring.after(last_event_id, self._clock.now())
-        if replay is not None:
-            self.metrics.replays["hit"].inc()
-            self._send_parts(sub, replay)
-            self._join_live(sub)
-            return
-        if not route.upstream_resume:
-            self._gap(sub, [], last_event_id, "not_in_ring")
-            return
-        catchup = self._catchups.get(last_event_id)
-        if catchup is None:
-            if len(self._catchups) >= route.max_catchups:
-                self._gap(sub, [], last_event_id, "catch_up_limit")
-                return
-            catchup = CatchUp(self, last_event_id, self._clock, route.catchup_max_bytes)
-            self._catchups[last_event_id] = catchup
-            self.metrics.catchup_requests.inc()
-            target, upstreams = self.target, self._upstreams
-            catchup.start(
-                lambda c: upstreams.catch_up(target, c, last_event_id),
-                route.catchup_timeout_seconds,
-            )
-        self.metrics.replays["catchup"].inc()
-        self._pending[sub] = catchup
-
-    def _gap(self, sub: Subscriber, prefix: list[bytes], last_event_id: str, reason: str) -> None:
-        self._send_parts(sub, prefix, gap_event(last_event_id, reason))
-        self.metrics.gaps.inc()
-        log.info("gap for a subscriber of %s after id %r: %s", self.key, last_event_id[:64], reason)
+    def deliver(self, sub: Subscriber, parts: list[bytes], events: int) -> None:
+        """Write what `sub` missed in one go, then make it live, with no await in between."""
+        if parts:
+            sub.replay(sub.framing(b"".join(parts)), len(parts))
+            self.metrics.replayed_events.inc(events)
         self._join_live(sub)
 
-    # --- catchup.Owner ------------------------------------------------------------------
+    def start_catchup(self, catchup: CatchUp) -> None:
+        target, upstreams = self.target, self._upstreams
+        last_event_id = catchup.last_event_id
+        catchup.start(
+            lambda c: upstreams.catch_up(target, c, last_event_id),
+            target.route.catchup_timeout_seconds,
+        )
 
-    def catchup_may_finish(self, catchup: CatchUp) -> bool:
-        # Live, nothing published since the catch-up began, and no id in the ring that the
-        # catch-up failed to meet (it would be behind, not complete).
-        ring = self.ring
-        return self.connected and ring.next_seq == catchup.started_seq and ring.newest_id is None
-
-    def catchup_may_time_out(self, catchup: CatchUp) -> bool:
-        return self.connected
-
-    def catchup_done(
-        self,
-        catchup: CatchUp,
-        prefix: list[tuple[str | None, bytes]],
-        splice_id: str | None,
-        reason: str,
-        batch: Sequence[tuple[str | None, bytes]] = (),
-    ) -> None:
-        if self._catchups.get(catchup.last_event_id) is catchup:
-            del self._catchups[catchup.last_event_id]
-        now = self._clock.now()
-        fetched = [data for _, data in prefix]
-        rest: list[bytes] | None = []
-        if splice_id is not None:
-            rest = self.ring.after_first(splice_id, now)
-            if rest is None:  # a tiny ring already evicted it: take the rest of this batch
-                ids = [event_id for event_id, _ in batch]
-                if splice_id in ids:
-                    rest = [data for _, data in batch[ids.index(splice_id) + 1 :]]
-            if rest is None:
-                reason = "ring_evicted"
-        ok = rest is not None and reason in ("spliced", "complete")
-        if ok:
-            # Keep what was fetched: the next client holding this id replays from the ring.
-            before_meet = prefix[:-1] if splice_id is not None else prefix
-            self.ring.bridge(catchup.last_event_id, before_meet, splice_id, now)
-        for sub in [s for s, c in self._pending.items() if c is catchup]:
-            del self._pending[sub]
-            if not ok or rest is None:
-                self._gap(sub, fetched, catchup.last_event_id, reason)
-            else:
-                # The fetched events up to where they meet the ring, then the ring after
-                # that point, then live: all before the next publish can run.
-                self._send_parts(sub, fetched + rest)
-                self._join_live(sub)
+    @property
+    def upstream_resumes(self) -> bool | None:
+        """What this topic's upstream was seen to do with Last-Event-ID (None: not yet seen)."""
+        return self._resumer.upstream_resumes
 
     # --- membership -------------------------------------------------------------
 
@@ -342,7 +281,7 @@ class Topic:
         self.subscribers[sub] = None
         sub.topics.append(self)
         if last_event_id:
-            self._resume(sub, last_event_id)
+            self._resumer.resume(sub, last_event_id)
         else:
             self._join_live(sub)
 
@@ -360,9 +299,7 @@ class Topic:
             if not group:
                 del self._groups[sub.framing]
             self._snapshot = None
-        catchup = self._pending.pop(sub, None)
-        if catchup is not None and catchup not in self._pending.values():
-            catchup.fail("catch_up_ended")  # nobody waits for it any more
+        self._resumer.forget(sub)
         if self in sub.topics:
             sub.topics.remove(self)
         return handed
@@ -417,10 +354,8 @@ class Topic:
 
     async def stop(self) -> None:
         """Close the upstream and every catch-up; the subscribers are the owner's to end."""
-        tasks = [c.task for c in self._catchups.values() if c.task is not None]
-        for catchup in list(self._catchups.values()):
-            catchup.cancel()  # ended with the topic: no splice, no gap
-        self._catchups.clear()
+        # Ended with the topic: no splice, no gap.
+        tasks = [c.task for c in self._resumer.close() if c.task is not None]
         task, self._upstream = self._upstream, None
         if task is not None:
             tasks.append(task)

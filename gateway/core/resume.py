@@ -1,0 +1,449 @@
+"""Resuming a topic's clients: the ring, catch-ups, and what the upstream does with an id.
+
+A client arriving with a Last-Event-ID gets every event after it exactly once,
+or an in-band `gap` event exactly where history cannot reach, then everything
+after it. Ids are opaque: order is learnt only from what the upstream returns.
+
+- **The ring first.** An id the ring holds (or an anchor a catch-up left, see
+  ring.py) is served from it in the same synchronous step that makes the
+  client live.
+- **One catch-up serves every id it contains.** A client whose id is a
+  catch-up's starting id, or already in its buffer, waits on that catch-up
+  and gets the buffer after its own id. A catch-up that meets the ring
+  bridges it (its events go in front of the ring), so a later client holding
+  any id it fetched is a ring hit.
+- **Park, do not fan out.** While a catch-up is in flight, a client with an
+  id nobody holds yet is *parked*: the catch-up may well fetch that id (a
+  deploy sends clients back holding ids a few events apart, in any order).
+  When a catch-up ends, parked clients are served from the ring it bridged,
+  or the first of them starts the next one. A client parked for
+  `PARK_SECONDS` with catch-ups still running starts its own (up to
+  `max_catchups`), so a slow catch-up cannot hold everyone. N reconnects after
+  a deploy cost about one request per id older than every id seen before it
+  (a handful, in random order), not one per client or per distinct id.
+- **No catch-up before the topic's own stream is up.** An upstream that
+  ignores Last-Event-ID answers a catch-up with live events; started after
+  the topic's own stream, its first event is one the topic has or will have,
+  which is how ignoring is told from resuming (below).
+- **Never silent.** A catch-up whose first event is one the topic already
+  has, right after an event other than the client's id, proves the upstream
+  ignored the header: those clients get `gap` (`upstream_ignored_resume`)
+  and the topic remembers it, so later clients get the gap at once, with no
+  request. When the answer cannot be told apart from a live stream (its
+  first event is the oldest the topic knows, or it is empty on a quiet
+  topic) and the topic has never seen this upstream resume, the client gets
+  `gap` (`resume_unconfirmed`): a missed event is possible, so it is said.
+  Once any catch-up returned events the topic never had, the upstream is
+  known to resume and such answers are trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
+
+from ..metrics import RouteMetrics
+from ..sse import Event, encode
+from ..timing import Clock, Timer
+from .catchup import CatchUp
+from .ring import Ring
+from .route import Target
+
+log = logging.getLogger(__name__)
+
+# How long a parked client waits for the catch-ups in flight before starting its own.
+# A catch-up that will fetch its id has done so within milliseconds of the upstream's
+# answer; one second covers a slow upstream's backlog without stalling anyone for long.
+PARK_SECONDS = 1.0
+
+S = TypeVar("S")
+S_contra = TypeVar("S_contra", contravariant=True)
+
+
+def gap_event(last_event_id: str, reason: str) -> bytes:
+    """The in-band notice that events after `last_event_id` cannot be delivered.
+
+    It carries no id, so the client's lastEventId stays where it was.
+    """
+    data = json.dumps({"lastEventId": last_event_id, "reason": reason}, separators=(",", ":"))
+    return encode(Event(data, event="gap"))
+
+
+class Host(Protocol[S_contra]):
+    """The topic, as the resumer sees it."""
+
+    ring: Ring
+    metrics: RouteMetrics
+    target: Target
+
+    @property
+    def connected(self) -> bool: ...
+
+    def encode(self, event: Event) -> tuple[str | None, bytes]: ...
+
+    def deliver(self, sub: S_contra, parts: list[bytes], events: int) -> None:
+        """Write `parts` (holding `events` replayed events) to `sub` in one go, then make it
+        live, all before the next publish can run."""
+        ...
+
+    def start_catchup(self, catchup: CatchUp) -> None:
+        """Send `catchup`'s upstream request."""
+        ...
+
+
+class Resumer(Generic[S]):
+    """Serves a topic's resuming clients; the topic's `catchup.Owner`."""
+
+    __slots__ = (
+        "_catchups",
+        "_clock",
+        "_host",
+        "_park_timer",
+        "_parked",
+        "_waiting",
+        "ring",
+        "upstream_resumes",
+    )
+
+    def __init__(self, host: Host[S], clock: Clock) -> None:
+        self._host = host
+        self._clock = clock
+        self.ring = host.ring
+        self._catchups: dict[str, CatchUp] = {}
+        # Clients waiting on a catch-up -> (that catch-up, the client's own id).
+        self._waiting: dict[S, tuple[CatchUp, str]] = {}
+        # Parked clients by id (in order of arrival) -> {client: when parked}.
+        self._parked: dict[str, dict[S, float]] = {}
+        self._park_timer: Timer | None = None
+        # What this topic's upstream was seen to do with Last-Event-ID: None (not yet seen),
+        # True (it resumed), False (it ignored it; sticky, the safe side).
+        self.upstream_resumes: bool | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._catchups)
+
+    # --- arrivals --------------------------------------------------------------------
+
+    def resume(self, sub: S, last_event_id: str) -> None:
+        host = self._host
+        replay = self.ring.after(last_event_id, self._clock.now())
+        if replay is not None:
+            host.metrics.replays["hit"].inc()
+            host.deliver(sub, replay, len(replay))
+            return
+        if not host.target.route.upstream_resume:
+            self._gap(sub, [], last_event_id, "not_in_ring")
+            return
+        host.metrics.replays["catchup"].inc()
+        if self.upstream_resumes is False:
+            self._gap(sub, [], last_event_id, "upstream_ignored_resume")
+            return
+        self._wait(sub, last_event_id, self._clock.now())
+
+    def _covering(self, event_id: str) -> CatchUp | None:
+        catchup = self._catchups.get(event_id)
+        if catchup is not None:
+            return catchup
+        return next((c for c in self._catchups.values() if c.index(event_id) is not None), None)
+
+    def _may_start(self) -> bool:
+        # The topic's own stream is up (or has published): a catch-up started now is answered
+        # after it, which is what tells an upstream that ignores the id from one that resumes.
+        return self._host.connected or self.ring.next_seq > 0
+
+    def _wait(self, sub: S, last_event_id: str, since: float) -> None:
+        catchup = self._covering(last_event_id)
+        if catchup is not None:
+            self._waiting[sub] = (catchup, last_event_id)
+        elif not self._catchups and self._may_start():
+            self._start(sub, last_event_id)
+        else:
+            self._parked.setdefault(last_event_id, {})[sub] = since
+            if self._park_timer is None:
+                self._park_timer = self._clock.call_later(PARK_SECONDS, self._on_park_timer)
+
+    def _start(self, sub: S, last_event_id: str) -> None:
+        route = self._host.target.route
+        if len(self._catchups) >= route.max_catchups:
+            self._gap(sub, [], last_event_id, "catch_up_limit")
+            return
+        catchup = CatchUp(self, last_event_id, self._clock, route.catchup_max_bytes)
+        self._catchups[last_event_id] = catchup
+        self._waiting[sub] = (catchup, last_event_id)
+        self._host.metrics.catchup_requests.inc()
+        self._host.start_catchup(catchup)
+
+    def _on_park_timer(self) -> None:
+        self._park_timer = None
+        self.unpark()
+
+    def unpark(self) -> None:
+        """Serve parked clients the ring now covers, attach those a catch-up holds, and start
+        catch-ups for the rest (one at a time, or more once they have waited PARK_SECONDS)."""
+        if not self._parked:
+            return
+        now = self._clock.now()
+        route = self._host.target.route
+        for last_event_id in list(self._parked):
+            subs = self._parked.pop(last_event_id)
+            replay = self.ring.after(last_event_id, now)
+            for sub, since in subs.items():
+                if replay is not None:
+                    self._host.deliver(sub, replay, len(replay))
+                elif self._covering(last_event_id) is not None or (
+                    self._may_start()
+                    and (
+                        not self._catchups
+                        or (
+                            now - since >= PARK_SECONDS and len(self._catchups) < route.max_catchups
+                        )
+                    )
+                ):
+                    self._wait(sub, last_event_id, since)
+                elif self._host.connected and now - since >= route.catchup_timeout_seconds:
+                    self._gap(sub, [], last_event_id, "catch_up_limit")
+                else:
+                    self._parked.setdefault(last_event_id, {})[sub] = since
+        if self._parked and self._park_timer is None:
+            self._park_timer = self._clock.call_later(PARK_SECONDS, self._on_park_timer)
+
+    # --- catchup.Owner ---------------------------------------------------------------
+
+    def encode(self, event: Event) -> tuple[str | None, bytes]:
+        return self._host.encode(event)
+
+    def catchup_buffered(self, catchup: CatchUp, event_id: str) -> None:
+        subs = self._parked.pop(event_id, None) if self._parked else None
+        if subs:
+            for sub in subs:
+                self._waiting[sub] = (catchup, event_id)
+
+    def catchup_may_finish(self, catchup: CatchUp) -> bool:
+        # Live, nothing published since the catch-up began, and no id in the ring that the
+        # catch-up failed to meet (it would be behind, not complete).
+        ring = self.ring
+        return (
+            self._host.connected and ring.next_seq == catchup.started_seq and ring.newest_id is None
+        )
+
+    def catchup_may_time_out(self, catchup: CatchUp) -> bool:
+        return self._host.connected
+
+    def catchup_done(
+        self,
+        catchup: CatchUp,
+        meet: int | None,
+        reason: str,
+        batch: Sequence[tuple[str | None, bytes]] = (),
+    ) -> None:
+        from_id = catchup.last_event_id
+        if self._catchups.get(from_id) is catchup:
+            del self._catchups[from_id]
+        waiters = [(s, i) for s, (c, i) in self._waiting.items() if c is catchup]
+        for sub, _ in waiters:
+            del self._waiting[sub]
+        now = self._clock.now()
+        ring = self.ring
+        buffer = catchup.buffer
+        rest: list[bytes] | None = None
+        verdict: str | None = None
+        end = len(buffer)
+        if meet is not None:
+            end = meet + 1
+            meet_id = buffer[meet][0]
+            assert meet_id is not None  # a catch-up meets the ring only at an id
+            position = ring.position(meet_id, first=True)
+            before: tuple[bool, str | None] = (False, None)
+            if position is not None:
+                rest = ring.since(position)
+                before = ring.before(meet_id)
+                if not before[0] and ring.is_anchor(meet_id):
+                    before = (True, meet_id)
+            else:  # a tiny ring already evicted it: take the rest of the batch that met it
+                ids = [event_id for event_id, _ in batch]
+                if meet_id in ids:
+                    at = ids.index(meet_id)
+                    rest = [data for _, data in batch[at + 1 :]]
+                    if at:
+                        before = (True, ids[at - 1])
+            if rest is None:
+                reason = "ring_evicted"
+            else:
+                verdict = self._judge(catchup, meet, meet_id, before)
+                if verdict is None and position is not None:
+                    held, held_id = ring.entry_id(position - 1)
+                    if held and held_id == meet_id:  # the ring has the meeting event itself
+                        ring.bridge(from_id, buffer[:meet], position - 1, now)
+                    else:  # only its position (an anchor): the catch-up has its bytes
+                        ring.bridge(from_id, buffer[: meet + 1], position, now)
+        elif reason == "complete":
+            rest = []
+            verdict = self._judge(catchup, None, None, (False, None))
+            if verdict is None and not len(ring):
+                ring.bridge(from_id, buffer, ring.front, now)
+        for sub, last_event_id in waiters:
+            start = 0 if last_event_id == from_id else (catchup.index(last_event_id) or 0) + 1
+            fetched = [data for _, data in buffer[start:end]]
+            if rest is None:
+                self._gap(sub, [data for _, data in buffer[start:]], last_event_id, reason)
+            elif verdict is not None and last_event_id == from_id:
+                # Not shown to follow the client's id: say so, then everything from there.
+                self._gap(sub, [], last_event_id, verdict, after=fetched + rest)
+            elif start > end:
+                # Its id lies past where the catch-up met the topic's stream, which has not
+                # published it yet: wait again (on the ring, another catch-up, or a new one).
+                self._wait(sub, last_event_id, now)
+            else:
+                self._host.deliver(sub, fetched + rest, len(fetched) + len(rest))
+        if rest is not None:
+            self._recheck()
+        self.unpark()
+
+    def _judge(
+        self,
+        catchup: CatchUp,
+        meet: int | None,
+        meet_id: str | None,
+        before: tuple[bool, str | None],
+    ) -> str | None:
+        """None if the catch-up's answer follows its starting id, else the gap's reason.
+
+        `before`: what the topic knows comes right before the meeting event ((True, the id
+        of an anchor itself when the meeting id is only a position a resume started from).
+        Learns what the upstream does with Last-Event-ID from what can be told apart.
+        """
+        if meet is None:  # complete: the answer met nothing
+            if catchup.buffer:
+                self._learn(True)  # it returned events the topic's own stream never had
+                return None
+            return None if self.upstream_resumes else "resume_unconfirmed"
+        known, previous = before
+        if meet > 0:
+            # It returned events the topic did not have before the meeting one. When the topic
+            # knows nothing before that one, the catch-up reached further back: a resume.
+            if not known:
+                self._learn(True)
+            return None
+        if known:
+            if previous in (catchup.last_event_id, meet_id):
+                # It follows the client's id (which the ring learnt meanwhile), or it is a
+                # position only a resume answers with (a starting id of an earlier catch-up).
+                return None
+            self._learn(False)
+            return "upstream_ignored_resume"
+        # Its first event is the oldest the topic knows: a resume from the event just before
+        # the topic's stream began, or a live answer. Only the upstream's record tells.
+        return None if self.upstream_resumes else "resume_unconfirmed"
+
+    def _learn(self, resumes: bool) -> None:
+        if self.upstream_resumes is False or self.upstream_resumes == resumes:
+            return
+        self.upstream_resumes = resumes
+        if not resumes:
+            log.warning(
+                "the upstream of %s ignores Last-Event-ID: clients resuming beyond the ring get "
+                "a gap event (set the route's upstream_resume = false to skip the request)",
+                self._host.target.topic_key,
+            )
+
+    def _recheck(self) -> None:
+        """The ring grew at its front: catch-ups holding ids it now has meet it there, and
+        clients it now covers are served from it."""
+        now = self._clock.now()
+        ring = self.ring
+        for catchup in list(self._catchups.values()):
+            if catchup.done:
+                continue
+            meet = next(
+                (
+                    i
+                    for i, (event_id, _) in enumerate(catchup.buffer)
+                    if event_id and ring.has(event_id, now)
+                ),
+                None,
+            )
+            if meet is not None:
+                catchup.splice(meet)
+                continue
+            for sub, (c, last_event_id) in list(self._waiting.items()):
+                replay = ring.after(last_event_id, now) if c is catchup else None
+                if replay is not None:
+                    del self._waiting[sub]
+                    self._host.deliver(sub, replay, len(replay))
+            if not any(c is catchup for c, _ in self._waiting.values()):
+                self._drop(catchup)
+
+    def _drop(self, catchup: CatchUp) -> None:
+        if self._catchups.get(catchup.last_event_id) is catchup:
+            del self._catchups[catchup.last_event_id]
+        catchup.cancel()
+
+    # --- leaving ---------------------------------------------------------------------
+
+    def forget(self, sub: S) -> None:
+        """`sub` left: a catch-up nobody waits for any more stops."""
+        entry = self._waiting.pop(sub, None)
+        if entry is not None:
+            catchup = entry[0]
+            if not any(c is catchup for c, _ in self._waiting.values()):
+                self._drop(catchup)
+                self.unpark()
+            return
+        for last_event_id, subs in list(self._parked.items()):
+            if subs.pop(sub, None) is not None:
+                if not subs:
+                    del self._parked[last_event_id]
+                return
+
+    def close(self) -> list[CatchUp]:
+        """The topic is closing: stop every catch-up and timer, tell nobody; returns the
+        catch-ups, whose tasks the topic awaits."""
+        catchups = list(self._catchups.values())
+        for catchup in catchups:
+            catchup.cancel()
+        self._catchups.clear()
+        self._waiting.clear()
+        self._parked.clear()
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        return catchups
+
+    # --- the topic's stream ----------------------------------------------------------
+
+    def published(self, batch: Sequence[tuple[str | None, bytes]]) -> None:
+        """The topic published `batch`: a catch-up holding one of its ids meets it there."""
+        for event_id, _ in batch:
+            if not event_id:
+                continue
+            for catchup in list(self._catchups.values()):
+                index = catchup.index(event_id)
+                if index is not None and not catchup.done:
+                    catchup.splice(index, batch)
+            if not self._catchups:
+                return
+
+    # --- gaps --------------------------------------------------------------------------
+
+    def _gap(
+        self,
+        sub: S,
+        before: list[bytes],
+        last_event_id: str,
+        reason: str,
+        after: list[bytes] | None = None,
+    ) -> None:
+        after = after or []
+        parts = [*before, gap_event(last_event_id, reason), *after]
+        self._host.deliver(sub, parts, len(before) + len(after))
+        metrics = self._host.metrics
+        metrics.gaps[reason].inc()
+        log.info(
+            "gap for a subscriber of %s after id %r: %s",
+            self._host.target.topic_key,
+            last_event_id[:64],
+            reason,
+        )
