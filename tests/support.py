@@ -594,3 +594,102 @@ def fake_downstream(
         clock=clock,
         metrics=Metrics(CollectorRegistry()).route("r"),
     )
+
+
+class EventSource:
+    """A browser's EventSource over a real socket: sends Last-Event-ID on every connection
+    (the first too, if given), waits the stream's `retry:` before the next one, and keeps
+    trying through refused connections (a gateway being restarted), until stopped."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        last_event_id: str = "",
+        *,
+        retry_ms: int = 3000,
+        max_attempts: int = 500,
+    ) -> None:
+        self.session, self.url = session, url
+        self.parser = Parser(last_event_id=last_event_id)
+        # The reconnection time before the stream sets one (browsers pick a few seconds).
+        self.default_retry_ms = retry_ms
+        self.max_attempts = max_attempts
+        self.events: list[Event] = []
+        self.connects = 0  # answers with 200
+        self.statuses: list[int] = []  # any other answer (EventSource would stop for good)
+        self.sent_ids: list[str] = []  # the Last-Event-ID of each request, "" for none
+        self.changes = Changes()
+        self.task = asyncio.create_task(self._run())
+
+    @property
+    def last_id(self) -> str:
+        return self.parser.last_event_id
+
+    async def _run(self) -> None:
+        for _ in range(self.max_attempts):  # bounded: each attempt waits at least 10 ms
+            last_id = self.parser.last_event_id
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            self.sent_ids.append(last_id)
+            try:
+                async with self.session.get(self.url, headers=headers) as resp:
+                    if resp.status == 200:
+                        self.connects += 1
+                        self.changes.notify()
+                        async for chunk in resp.content.iter_any():
+                            self.events.extend(self.parser.feed(chunk))
+                            self.changes.notify()
+                    else:
+                        self.statuses.append(resp.status)
+            except (aiohttp.ClientError, ConnectionError):
+                pass  # refused, reset or cut mid-stream: reconnect, as a browser does
+            self.parser.close()
+            self.changes.notify()
+            retry_ms = self.parser.retry_ms
+            delay_ms = self.default_retry_ms if retry_ms is None else retry_ms
+            await asyncio.sleep(max(delay_ms, 10) / 1000)  # the reconnection time, not sync
+
+    async def until(self, predicate: Callable[[EventSource], bool], timeout: float = 10) -> None:
+        await self.changes.until(lambda: predicate(self), timeout)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+class Pacer:
+    """Publishes events numbered from `first` on, one every `interval` seconds, until
+    stopped or `limit` events (bounded): a steady flow as load, never as synchronisation."""
+
+    def __init__(
+        self, upstream: Upstream, topic: str, first: int, interval: float, limit: int = 1000
+    ) -> None:
+        self.upstream, self.topic, self.interval = upstream, topic, interval
+        self.next = first
+        self.last = first + limit - 1
+        self.changes = Changes()
+        self._stopping = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    @property
+    def sent(self) -> int:
+        """The id of the newest event published (first - 1 before any)."""
+        return self.next - 1
+
+    async def _run(self) -> None:
+        while self.next <= self.last and not self._stopping.is_set():
+            await self.upstream.publish(self.topic, *events(self.topic, self.next, 1))
+            self.next += 1
+            self.changes.notify()
+            # Pacing the load, not synchronising; a stop ends the wait early.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+
+    async def wait_sent(self, count: int, timeout: float = 10) -> None:
+        await self.changes.until(lambda: self.sent >= count, timeout)
+
+    async def stop(self) -> int:
+        """Stop publishing (never inside a publish, so `sent` is exact); the last id sent."""
+        self._stopping.set()
+        await self.task
+        return self.sent
