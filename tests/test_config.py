@@ -500,3 +500,20 @@ def test_every_key_is_named_in_the_readme(key: str) -> None:
     name = key.split(".", 1)[1]
     # In a table or prose (`name`, `[section] name = ...`) or in a TOML example (name = ...).
     assert re.search(rf"`[^`\n]*\b{name}\b[^`\n]*`|^{name} = ", readme, re.MULTILINE), key
+
+
+def test_no_upstream_resume_turns_catch_ups_off_on_every_route(tmp_path: Path) -> None:
+    file = tmp_path / "g.toml"
+    file.write_text(
+        "[[routes]]\nname = 'a'\npath = '/a/{t}'\nupstream = 'http://h/{t}'\n"
+        "upstream_resume = true\n"
+        "[[routes]]\nname = 'b'\npath = '/b/{t}'\nupstream = 'http://h/{t}'\n"
+    )
+    assert [r.upstream_resume for r in load(parse_args(["--config", str(file)]), {}).routes] == [
+        True,
+        True,
+    ]
+    config = load(parse_args(["--config", str(file), "--no-upstream-resume"]), {})
+    assert [r.upstream_resume for r in config.routes] == [False, False]
+    quick = ["--path", "/e/{t}", "--upstream", "http://h/{t}", "--no-upstream-resume"]
+    assert not load(parse_args(quick), {}).routes[0].upstream_resume

@@ -336,6 +336,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="allowed origin (repeatable; * for any, without credentials)",
     )
     parser.add_argument(
+        "--no-upstream-resume",
+        action="store_true",
+        help="the upstream ignores Last-Event-ID: clients the ring cannot serve get a gap event "
+        "at once, with no catch-up request (every route's upstream_resume = false)",
+    )
+    parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help='metrics listener ("" = on the main port); set, a port in use is an error',
@@ -391,6 +397,11 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
         for route in doc.get("routes", []):
             if isinstance(route, dict):
                 route.pop("cors_origins", None)
+    if args.no_upstream_resume:
+        doc.setdefault("defaults", {})["upstream_resume"] = False
+        for route in doc.get("routes", []):
+            if isinstance(route, dict):
+                route.pop("upstream_resume", None)
     if args.metrics_listen is not None:
         doc.setdefault("metrics", {})["listen"] = args.metrics_listen
     if args.log_level is not None:

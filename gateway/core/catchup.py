@@ -1,26 +1,23 @@
-"""Catch-up: fetch from the upstream what a topic's ring does not hold.
+"""Catch-up: one upstream request for what a topic's ring does not hold.
 
-A subscriber whose Last-Event-ID is not in the ring waits while one upstream
-request, shared by every subscriber asking for the same id of the same
-topic, replays the upstream's history after that id. The topic's own
-upstream stays live and is the authority: the catch-up buffers its events
-until they meet the ring, then *splices*. Each waiter gets the buffered
-events up to and including the first one the ring also holds, then the ring
-after it, then joins the live stream, with no await in between, so nothing
-is missed or repeated. The meeting happens either as the catch-up's event
-arrives or when the topic publishes an id the catch-up has already buffered.
+A catch-up asks the upstream for the events after one Last-Event-ID and
+buffers them (as the wire bytes the topic would send: same encoding, same
+id replacement) until they *meet* the topic: the first buffered id the ring
+holds, either as the catch-up's event arrives or when the topic publishes an
+id the catch-up has already buffered. The topic's own upstream stays live and
+is the authority. Who waits on a catch-up, and what each waiter gets, is the
+resumer's (`resume.py`); a catch-up only says where it met, or why it ended.
 
 On a topic that has carried no id yet (just opened after a gateway restart,
 say) there may be nothing to meet. So when the catch-up stream has been
 silent for `QUIET_SECONDS`, the topic's upstream is connected, and the topic
 has published nothing since the catch-up began and holds no id, the history
-is complete: the waiters get the whole buffer and go live.
+is *complete*.
 
-If the catch-up cannot reach the ring, the waiters get what was fetched, then
-an in-band `gap` event, then live events: a gap is reported, never silent.
-That happens when the upstream refuses, the stream ends, `timeout` passes
-(counted only while the topic's upstream is connected, since a topic that is
-down cannot be met), or the buffer outgrows `catchup_max_bytes`.
+Otherwise it ends in failure, and its waiters get a `gap`: when the upstream
+refuses, the stream ends, `timeout` passes (counted only while the topic's
+upstream is connected, since a topic that is down cannot be met), or the
+buffer outgrows `catchup_max_bytes`.
 """
 
 from __future__ import annotations
@@ -124,6 +121,8 @@ class CatchUp:
                 event_id, data = owner.encode(event)
             except EncodeError:
                 continue
+            if not self.buffer and event_id == self.last_event_id:
+                continue  # an upstream that replays from the id itself: the client has it
             self.buffer.append((event_id, data))
             self._buffer_bytes += len(data)
             if event_id:

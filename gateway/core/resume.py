@@ -194,15 +194,15 @@ class Resumer(Generic[S]):
                 if replay is not None:
                     self._host.deliver(sub, replay, len(replay))
                 elif self._covering(last_event_id) is not None or (
-                    self._may_start()
-                    and (
-                        not self._catchups
-                        or (
-                            now - since >= PARK_SECONDS and len(self._catchups) < route.max_catchups
-                        )
-                    )
+                    not self._catchups and self._may_start()
                 ):
                     self._wait(sub, last_event_id, since)
+                elif (
+                    self._may_start()
+                    and now - since >= PARK_SECONDS
+                    and len(self._catchups) < route.max_catchups
+                ):
+                    self._start(sub, last_event_id)  # waited long enough: run alongside
                 elif self._host.connected and now - since >= route.catchup_timeout_seconds:
                     self._gap(sub, [], last_event_id, "catch_up_limit")
                 else:

@@ -1,0 +1,197 @@
+"""The resumer's rules, one at a time: scripted upstreams, a virtual clock (see resume.py)."""
+
+from __future__ import annotations
+
+import json
+
+from gateway.core.hub import Hub
+from gateway.core.resume import PARK_SECONDS
+from gateway.metrics import Metrics
+from gateway.sse import Event
+
+from .conftest import value
+from .support import FakeClock, FakeSubscriber, ScriptedUpstreams
+from .test_replay import ids, numbered, received, target
+
+
+def gap_reason(sub: FakeSubscriber) -> str | None:
+    gaps = [json.loads(e.data)["reason"] for e in received(sub) if e.event == "gap"]
+    assert len(gaps) <= 1
+    return gaps[0] if gaps else None
+
+
+async def test_an_upstream_that_ignores_last_event_id_is_a_gap_and_is_remembered(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(1, 5))
+    sub = FakeSubscriber()
+    topic = hub.subscribe(t, sub, "old")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(6, 1))  # its answer is the live stream
+    sink.publish(numbered(6, 2))  # 6 follows 5 here, not "old": the header was ignored
+    assert gap_reason(sub) == "upstream_ignored_resume"
+    assert ids(sub) == [None, "6", "7"]  # the gap where history breaks, then everything after
+    assert topic.upstream_resumes is False
+    later = FakeSubscriber()
+    hub.subscribe(t, later, "older")  # remembered: the gap at once, no request
+    assert gap_reason(later) == "upstream_ignored_resume"
+    assert len(upstreams.catchups) == 1
+    sink.publish(numbered(8, 1))
+    assert ids(later) == [None, "8"]
+    assert value(metrics, "sse_gateway_gaps_total", reason="upstream_ignored_resume") == 2
+
+
+async def test_an_answer_that_starts_where_the_topic_began_is_unconfirmed_until_a_resume_is_seen(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")  # a gateway restart: the topic opened live, its ring empty
+    first = FakeSubscriber()
+    topic = hub.subscribe(t, first, "41")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(42, 1))
+    sink.publish(numbered(42, 1))  # the same first event: a resume from 41, or a live answer
+    assert gap_reason(first) == "resume_unconfirmed"
+    assert ids(first) == [None, "42"]
+    assert topic.upstream_resumes is None
+    second = FakeSubscriber()
+    hub.subscribe(t, second, "30")
+    await upstreams.wait_catchups(2)
+    upstreams.catchups[1][1].publish(numbered(31, 12))  # events the topic never had: a resume
+    assert ids(second) == [str(i) for i in range(31, 43)]
+    assert topic.upstream_resumes is True
+    third = FakeSubscriber()
+    hub.subscribe(t, third, "35")  # bridged into the ring: a hit
+    assert ids(third) == [str(i) for i in range(36, 43)]
+    fourth = FakeSubscriber()
+    hub.subscribe(t, fourth, "20")
+    await upstreams.wait_catchups(3)
+    # It meets the ring at 30, which the ring knows only as a position (the second catch-up
+    # started there): the catch-up's copy of 30 is kept, not lost.
+    upstreams.catchups[2][1].publish(numbered(21, 10))
+    assert ids(fourth) == [str(i) for i in range(21, 43)]
+    fifth = FakeSubscriber()
+    hub.subscribe(t, fifth, "29")
+    assert ids(fifth) == [str(i) for i in range(30, 43)]
+    assert len(upstreams.catchups) == 3
+    assert all(gap_reason(s) is None for s in (second, third, fourth, fifth))
+
+
+async def test_ids_inside_a_catch_up_in_flight_wait_for_it_instead_of_a_request(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(50, 1))
+    a, b, c = FakeSubscriber(), FakeSubscriber(), FakeSubscriber()
+    hub.subscribe(t, a, "40")
+    hub.subscribe(t, b, "45")  # nothing fetched yet: parked, no second request
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(41, 6))  # 41..46: holds 45
+    hub.subscribe(t, c, "43")  # already fetched: waits on it too
+    assert len(upstreams.catchups) == 1
+    upstreams.catchups[0][1].publish(numbered(47, 4))  # ...50 meets the ring
+    assert ids(a) == [str(i) for i in range(41, 51)]
+    assert ids(b) == [str(i) for i in range(46, 51)]
+    assert ids(c) == [str(i) for i in range(44, 51)]
+    assert value(metrics, "sse_gateway_catchup_requests_total") == 1
+
+
+async def test_a_client_parked_behind_a_slow_catch_up_starts_its_own(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(50, 1))
+    slow, other = FakeSubscriber(), FakeSubscriber()
+    hub.subscribe(t, slow, "10")
+    hub.subscribe(t, other, "30")
+    await upstreams.wait_catchups()
+    clock.advance(PARK_SECONDS)
+    await upstreams.wait_catchups(2)
+    assert [i for i, _ in upstreams.catchups] == ["10", "30"]
+    upstreams.catchups[1][1].publish(numbered(31, 20))
+    assert ids(other) == [str(i) for i in range(31, 51)]
+    assert slow.received == []
+
+
+async def test_an_upstream_that_replays_from_the_id_itself_repeats_nothing(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(10, 1))
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "5")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(5, 6))  # 5 (which the client has), 6..10
+    assert ids(sub) == ["6", "7", "8", "9", "10"]
+
+
+async def test_an_id_past_where_a_catch_up_met_the_topic_waits_for_the_topic(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(3, 1))
+    a, b = FakeSubscriber(), FakeSubscriber()
+    hub.subscribe(t, a, "5")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(6, 3))  # ahead of the topic: 6 7 8
+    hub.subscribe(t, b, "7")
+    sink.publish(numbered(4, 3))  # the topic reaches 6: the catch-up meets it there
+    assert ids(a) == ["6"]
+    assert b.received == []  # 7 is past the meeting point: the topic has not sent it yet
+    await upstreams.wait_catchups(2)
+    upstreams.catchups[1][1].publish(numbered(8, 1))
+    sink.publish(numbered(7, 2))
+    assert ids(a) == ["6", "7", "8"]
+    assert ids(b) == ["8"]
+    assert gap_reason(a) is None
+    assert gap_reason(b) is None
+
+
+async def test_an_upstream_id_a_client_could_not_send_back_is_replaced_in_the_ring_and_catch_up(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    long_id = "x" * 2000
+    sink.publish([Event("live", id=long_id), *numbered(2, 1)])
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, "0")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish([Event("one", id="1"), Event("live", id=long_id)])
+    sent = ids(sub)
+    assert sent[0] == "1"
+    assert sent[2] == "2"
+    replaced = sent[1]
+    assert replaced is not None
+    assert replaced.startswith("~")
+    assert len(replaced) == 21
+    again = FakeSubscriber()
+    hub.subscribe(t, again, replaced)  # the id it was sent is a ring hit
+    assert ids(again) == ["2"]
