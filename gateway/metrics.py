@@ -57,6 +57,7 @@ GAP_REASONS = (
     "ring_evicted",
     "upstream_ignored_resume",
     "resume_unconfirmed",
+    "upstream_reconnected",
 )
 # Why a request was refused before it became a subscriber.
 REJECT_REASONS = (

@@ -84,6 +84,8 @@ class Upstream:
         self.changes = Changes()
         self.status = 200
         self.content_type = "text/event-stream"
+        # False: a backend that ignores Last-Event-ID (most tutorial ones do).
+        self.resumes = True
         self.runner: web.AppRunner | None = None
         self.port = 0
         self._streams: set[asyncio.Future[None]] = set()
@@ -130,7 +132,7 @@ class Upstream:
         last_id = request.headers.get("Last-Event-ID")
         history = self.history.get(topic, [])
         ids = [e.id for e in history]
-        if last_id in ids:
+        if self.resumes and last_id in ids:
             missed = history[ids.index(last_id) + 1 :]
             if missed:
                 await resp.write(encode_many(missed))

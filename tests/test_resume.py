@@ -8,7 +8,7 @@ import json
 import aiohttp
 
 from .conftest import GatewayFactory, route_doc
-from .support import Publisher, ResumingClient, Upstream
+from .support import Pacer, Publisher, ResumingClient, Upstream, events
 
 
 def ids(client: ResumingClient) -> list[str | None]:
@@ -110,3 +110,32 @@ async def test_gateway_restart_with_100_subscribers_loses_and_repeats_nothing(
     assert 1 <= len(catchups) <= 4
     assert gw2.metric("sse_gateway_topics", route="r") == 1
     await asyncio.gather(*(c.stop() for c in clients))
+
+
+async def test_a_backend_that_ignores_last_event_id_is_a_gap_never_silent_loss(
+    upstream: Upstream, make_gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    upstream.resumes = False
+    upstream.history["t"] = events("t", 1, 8000)  # published before this gateway started
+    gw = await make_gateway(route_doc(upstream))
+    steady = ResumingClient(session, gw.url("/events/t"))
+    await upstream.wait_open("t")
+    pacer = Pacer(upstream, "t", first=8001, interval=0.01, limit=60)
+    await steady.wait_events(5)
+    # Back after a gateway restart, holding 8000: the backend answers with live events only.
+    back = ResumingClient(session, gw.url("/events/t?lastEventId=8000"))
+    await back.changes.until(lambda: any(e.event == "gap" for e in back.events))
+    gap = back.events[0]
+    assert gap.event == "gap"
+    assert json.loads(gap.data) == {"lastEventId": "8000", "reason": "upstream_ignored_resume"}
+    older = ResumingClient(session, gw.url("/events/t?lastEventId=7000"))
+    await older.changes.until(lambda: bool(older.events))
+    assert json.loads(older.events[0].data)["reason"] == "upstream_ignored_resume"
+    await pacer.task
+    for client in (back, older):
+        await client.changes.until(lambda c=client: c.events[-1].id == "8060")  # type: ignore[misc]
+        after = [int(e.id) for e in client.events[1:] if e.id]
+        assert after == list(range(after[0], 8061))  # after the gap: everything, once
+    assert gw.metric("sse_gateway_gaps_total", route="r", reason="upstream_ignored_resume") == 2
+    assert gw.metric("sse_gateway_catchup_requests_total", route="r") == 1  # then remembered
+    await asyncio.gather(steady.stop(), back.stop(), older.stop())

@@ -6,12 +6,18 @@ import json
 
 from gateway.core.hub import Hub
 from gateway.core.resume import PARK_SECONDS
+from gateway.core.topic import Topic
 from gateway.metrics import Metrics
 from gateway.sse import Event
 
 from .conftest import value
 from .support import FakeClock, FakeSubscriber, ScriptedUpstreams
 from .test_replay import ids, numbered, received, target
+
+
+def learnt(topic: Topic) -> bool | None:
+    """What the topic learnt its upstream does with Last-Event-ID (a call: mypy narrows not)."""
+    return topic.upstream_resumes
 
 
 def gap_reason(sub: FakeSubscriber) -> str | None:
@@ -36,7 +42,7 @@ async def test_an_upstream_that_ignores_last_event_id_is_a_gap_and_is_remembered
     sink.publish(numbered(6, 2))  # 6 follows 5 here, not "old": the header was ignored
     assert gap_reason(sub) == "upstream_ignored_resume"
     assert ids(sub) == [None, "6", "7"]  # the gap where history breaks, then everything after
-    assert topic.upstream_resumes is False
+    assert learnt(topic) is False
     later = FakeSubscriber()
     hub.subscribe(t, later, "older")  # remembered: the gap at once, no request
     assert gap_reason(later) == "upstream_ignored_resume"
@@ -61,13 +67,13 @@ async def test_an_answer_that_starts_where_the_topic_began_is_unconfirmed_until_
     sink.publish(numbered(42, 1))  # the same first event: a resume from 41, or a live answer
     assert gap_reason(first) == "resume_unconfirmed"
     assert ids(first) == [None, "42"]
-    assert topic.upstream_resumes is None
+    assert learnt(topic) is None
     second = FakeSubscriber()
     hub.subscribe(t, second, "30")
     await upstreams.wait_catchups(2)
     upstreams.catchups[1][1].publish(numbered(31, 12))  # events the topic never had: a resume
     assert ids(second) == [str(i) for i in range(31, 43)]
-    assert topic.upstream_resumes is True
+    assert learnt(topic) is True
     third = FakeSubscriber()
     hub.subscribe(t, third, "35")  # bridged into the ring: a hit
     assert ids(third) == [str(i) for i in range(36, 43)]
@@ -195,3 +201,60 @@ async def test_an_upstream_id_a_client_could_not_send_back_is_replaced_in_the_ri
     again = FakeSubscriber()
     hub.subscribe(t, again, replaced)  # the id it was sent is a ring hit
     assert ids(again) == ["2"]
+
+
+async def test_an_upstream_that_comes_back_unable_to_resume_is_a_gap_for_everyone(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t = target(upstream_resume=False)  # the route says its upstream ignores Last-Event-ID
+    live = FakeSubscriber()
+    hub.subscribe(t, live)
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(1, 3))
+    sink.set_state("backoff")  # the upstream drops; whatever it sends meanwhile is lost
+    sink.set_state("connecting")
+    sink.set_state("connected")
+    assert ids(live) == ["1", "2", "3"]  # owed, not sent: nothing to put it in front of yet
+    sink.publish(numbered(9, 1))
+    assert ids(live) == ["1", "2", "3", None, "9"]
+    assert gap_reason(live) == "upstream_reconnected"
+    assert json.loads(received(live)[3].data)["lastEventId"] == "3"
+    late = FakeSubscriber()
+    hub.subscribe(t, late, "2")  # a replay across the break says so too
+    assert ids(late) == ["3", None, "9"]
+    assert value(metrics, "sse_gateway_gaps_total", reason="upstream_reconnected") == 1
+
+
+async def test_an_upstream_that_resumes_its_own_stream_is_no_gap(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    live = FakeSubscriber()
+    hub.subscribe(t, live)
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(1, 3))
+    sink.set_state("backoff")
+    sink.set_state("connected")  # it reconnected with Last-Event-ID: 3
+    sink.publish(numbered(4, 1))
+    assert ids(live) == ["1", "2", "3", "4"]
+
+
+async def test_a_stream_without_ids_that_reconnects_is_a_gap(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    live = FakeSubscriber()
+    hub.subscribe(t, live)
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("backoff")  # failures before it ever streamed lose nothing
+    sink.set_state("connected")
+    sink.publish([Event("a")])
+    sink.set_state("backoff")
+    sink.set_state("connected")  # nothing to resume from
+    sink.publish([Event("b")])
+    assert [e.event for e in received(live)] == ["message", "gap", "message"]

@@ -47,7 +47,7 @@ from ..sse import EncodeError, Event, encode
 from ..timing import Backoff, Clock
 from . import ids
 from .catchup import CatchUp
-from .resume import Resumer
+from .resume import Resumer, gap_event
 from .ring import Ring, RingLimits
 from .route import Target
 
@@ -107,12 +107,14 @@ class Topic:
         "_bytes_out",
         "_clock",
         "_events_out",
+        "_gap_next",
         "_groups",
         "_live_id",
         "_live_since",
         "_on_failed",
         "_resumer",
         "_snapshot",
+        "_streamed",
         "_upstream",
         "_upstreams",
         "key",
@@ -163,6 +165,10 @@ class Topic:
         self.last_publish = clock.now()
         # The last id this topic's own runner published: where a restarted runner resumes.
         self._live_id: str | None = None
+        # Whether the upstream ever streamed, and a gap owed in front of the next batch (its
+        # reason) when it came back unable to resume.
+        self._streamed = False
+        self._gap_next: str | None = None
 
     # --- UpstreamSink ---------------------------------------------------------
 
@@ -174,8 +180,15 @@ class Topic:
         now = self._clock.now()
         ring = self.ring
         parts = []
-        batch = []
+        batch: list[tuple[str | None, bytes]] = []
         live_id = self._live_id
+        gap_reason = self._gap_next
+        if gap_reason is not None:
+            # Where the stream broke: in the ring too, so a replay across it says so.
+            self._gap_next = None
+            gap = gap_event(ring.newest_id or "", gap_reason)
+            parts.append(gap)
+            ring.append(None, gap, now)
         for event in events:
             if event.id is not None:
                 live_id = event.id or None  # "" is the upstream resetting its id
@@ -188,7 +201,8 @@ class Topic:
             batch.append((event_id, data))
             ring.append(event_id, data, now)
         self._live_id = live_id
-        if not parts:
+        if len(parts) == (gap_reason is not None):
+            self._gap_next = gap_reason  # nothing to put it in front of yet
             return
         raw = parts[0] if len(parts) == 1 else b"".join(parts)
         self.last_publish = now
@@ -218,6 +232,13 @@ class Topic:
             metrics.bytes_written.inc(written)
         if refused:
             metrics.dropped["slow"].inc(len(parts) * refused)
+        if gap_reason is not None:
+            metrics.gaps[gap_reason].inc(reached)
+            log.warning(
+                "upstream of %s came back unable to resume: %d subscribers got a gap event",
+                self.key,
+                reached,
+            )
         if self._resumer.busy:
             self._resumer.published(batch)
 
@@ -238,7 +259,20 @@ class Topic:
             states[state].inc()
             self.state = state
             if state == "connected":
+                if self._streamed and not self._resumes_stream():
+                    self._gap_next = "upstream_reconnected"
+                self._streamed = True
                 self._resumer.unpark()  # catch-ups wait for the topic's own stream
+
+    def _resumes_stream(self) -> bool:
+        """Whether the upstream, reconnected, went on where it stopped: with an id to resume
+        from, on a route that resumes, and not seen ignoring Last-Event-ID. (A direct topic's
+        reconnect is its client's, with the client's own id.)"""
+        return self.target.route.mode == "direct" or (
+            self._live_id is not None
+            and self.target.route.upstream_resume
+            and self._resumer.upstream_resumes is not False
+        )
 
     @property
     def connected(self) -> bool:
