@@ -177,3 +177,34 @@ async def test_c_client_parses_awkward_framing(tmp_path: Path) -> None:
         server.close()
         await server.wait_closed()
     assert how.startswith("exited (0)"), how
+
+
+# --- the deploy fault scenario -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_deploy_scenario_runs_and_counts(tmp_path: Path) -> None:
+    """`python -m bench.deploy` restarts a real gateway under 10 clients and reports every
+    client back and caught up (short drain and retry so it takes seconds, not the bench's 20)."""
+    out = tmp_path / "deploy.jsonl"
+    argv = [sys.executable, "-m", "bench.deploy", "--clients", "10", "--flow-seconds", "1"]
+    argv += ["--drain-seconds", "0.5", "--retry-ms", "500", "--json", str(out)]
+    argv += ["--log-dir", str(tmp_path / "logs")]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=80, check=False)
+    report = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 0, report
+    assert "restart -> all clients streaming" in done.stdout, report
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1, report
+    r = json.loads(lines[0])
+    assert r["clients"] == 10
+    assert r["streaming_before_sigterm"] == 10, report
+    assert r["old_gateway_exit"] == 0, report
+    assert r["clients_caught_up"] == 10, report
+    assert r["clients_gave_up"] == 0, report
+    assert r["restart_to_all_streaming_seconds"] is not None, report
+    assert r["events_received"] > 10, report
+    assert r["events_lost"] == r["events_lost_announced"] + r["events_lost_silent"], report
+    assert r["clients_reconnecting_without_id"] == 0, report  # every client had an id
+    assert r["upstream_requests_after_restart"]["live"] == 1, report
+    assert r["gateway_log_problems"] == 0, report
