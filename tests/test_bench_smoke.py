@@ -208,3 +208,7 @@ def test_deploy_scenario_runs_and_counts(tmp_path: Path) -> None:
     assert r["clients_reconnecting_without_id"] == 0, report  # every client had an id
     assert r["upstream_requests_after_restart"]["live"] == 1, report
     assert r["gateway_log_problems"] == 0, report
+    # An upstream that resumes: nothing lost, repeated or even announced across the deploy.
+    assert r["events_lost"] == 0, report
+    assert r["duplicates"] == 0, report
+    assert r["gap_events"] == 0, report

@@ -138,9 +138,6 @@ class Resumer(Generic[S]):
             self._gap(sub, [], last_event_id, "not_in_ring")
             return
         host.metrics.replays["catchup"].inc()
-        if self.upstream_resumes is False:
-            self._gap(sub, [], last_event_id, "upstream_ignored_resume")
-            return
         self._wait(sub, last_event_id, self._clock.now())
 
     def _covering(self, event_id: str) -> CatchUp | None:
@@ -155,6 +152,9 @@ class Resumer(Generic[S]):
         return self._host.connected or self.ring.next_seq > 0
 
     def _wait(self, sub: S, last_event_id: str, since: float) -> None:
+        if self.upstream_resumes is False:  # learnt: no request could bring its history
+            self._gap(sub, [], last_event_id, "upstream_ignored_resume")
+            return
         catchup = self._covering(last_event_id)
         if catchup is not None:
             self._waiting[sub] = (catchup, last_event_id)
@@ -167,6 +167,9 @@ class Resumer(Generic[S]):
 
     def _start(self, sub: S, last_event_id: str) -> None:
         route = self._host.target.route
+        if self.upstream_resumes is False:
+            self._gap(sub, [], last_event_id, "upstream_ignored_resume")
+            return
         if len(self._catchups) >= route.max_catchups:
             self._gap(sub, [], last_event_id, "catch_up_limit")
             return
