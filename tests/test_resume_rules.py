@@ -6,6 +6,7 @@ import json
 
 from gateway.core.hub import Hub
 from gateway.core.resume import PARK_SECONDS
+from gateway.core.route import RouteTable
 from gateway.core.topic import Topic
 from gateway.metrics import Metrics
 from gateway.sse import Event
@@ -258,3 +259,25 @@ async def test_a_stream_without_ids_that_reconnects_is_a_gap(
     sink.set_state("connected")  # nothing to resume from
     sink.publish([Event("b")])
     assert [e.event for e in received(live)] == ["message", "gap", "message"]
+
+
+async def test_what_an_upstream_does_with_last_event_id_is_known_to_all_its_topics(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t = target()
+    other = RouteTable([t.route]).resolve("/e/b", [])
+    assert other is not None
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    sink.publish(numbered(1, 2))
+    hub.subscribe(t, FakeSubscriber(), "old")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(3, 1))
+    sink.publish(numbered(3, 1))  # ignored: learnt for the backend, not just this topic
+    sub = FakeSubscriber()
+    topic_b = hub.subscribe(other, sub, "x")
+    assert learnt(topic_b) is False
+    assert gap_reason(sub) == "upstream_ignored_resume"
+    assert len(upstreams.catchups) == 1

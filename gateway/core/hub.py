@@ -33,6 +33,7 @@ from ..errors import ClientLimit, RateLimited, TopicLimit
 from ..metrics import Metrics
 from ..timing import Clock, Timer
 from . import ids
+from .resume import Record
 from .route import Target
 from .topic import Subscriber, Topic, Upstreams
 
@@ -64,6 +65,7 @@ class Hub:
         self._topics: dict[str, Topic] = {}
         self._route_topics: dict[str, int] = {}
         self._lingering: dict[Topic, Timer] = {}
+        self._records: dict[str, Record] = {}
         # Shared topics whose opener no other client has joined yet -> that opener, and how
         # many such topics each (client, route) holds. Both only hold open topics.
         self._opened_by: dict[Topic, str] = {}
@@ -152,8 +154,16 @@ class Hub:
         if topic is None:
             route = target.route
             rm = self.metrics.route(route.name)
+            # What its backend does with Last-Event-ID, learnt by any topic on the same one.
+            record = self._records.setdefault(route.upstream, Record())
             topic = Topic(
-                target, rm, self.clock, self.upstreams, self._failed, self._max_id_bytes()
+                target,
+                rm,
+                self.clock,
+                self.upstreams,
+                self._failed,
+                self._max_id_bytes(),
+                record,
             )
             self._topics[target.topic_key] = topic
             self._route_topics[route.name] = self._route_topics.get(route.name, 0) + 1

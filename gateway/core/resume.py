@@ -28,12 +28,13 @@ after it. Ids are opaque: order is learnt only from what the upstream returns.
 - **Never silent.** A catch-up whose first event is one the topic already
   has, right after an event other than the client's id, proves the upstream
   ignored the header: those clients get `gap` (`upstream_ignored_resume`)
-  and the topic remembers it, so later clients get the gap at once, with no
-  request. When the answer cannot be told apart from a live stream (its
+  and it is remembered (per upstream URL template, for every topic of that
+  backend, past the topic's life), so later clients get the gap at once,
+  with no request. When the answer cannot be told apart from a live stream (its
   first event is the oldest the topic knows, or it is empty on a quiet
   topic) and the topic has never seen this upstream resume, the client gets
   `gap` (`resume_unconfirmed`): a missed event is possible, so it is said.
-  Once any catch-up returned events the topic never had, the upstream is
+  Once any catch-up returned events its topic never had, the upstream is
   known to resume and such answers are trusted.
 """
 
@@ -71,6 +72,18 @@ def gap_event(last_event_id: str, reason: str) -> bytes:
     return encode(Event(data, event="gap"))
 
 
+class Record:
+    """What an upstream was seen to do with Last-Event-ID: None (not yet seen), True (it
+    resumed), False (it ignored it; sticky, the safe side). Shared by every topic of one
+    upstream URL template (the hub keeps one per template), since that is one backend's
+    behaviour, and kept past a topic's life."""
+
+    __slots__ = ("resumes",)
+
+    def __init__(self) -> None:
+        self.resumes: bool | None = None
+
+
 class Host(Protocol[S_contra]):
     """The topic, as the resumer sees it."""
 
@@ -102,12 +115,12 @@ class Resumer(Generic[S]):
         "_host",
         "_park_timer",
         "_parked",
+        "_record",
         "_waiting",
         "ring",
-        "upstream_resumes",
     )
 
-    def __init__(self, host: Host[S], clock: Clock) -> None:
+    def __init__(self, host: Host[S], clock: Clock, record: Record | None = None) -> None:
         self._host = host
         self._clock = clock
         self.ring = host.ring
@@ -117,9 +130,11 @@ class Resumer(Generic[S]):
         # Parked clients by id (in order of arrival) -> {client: when parked}.
         self._parked: dict[str, dict[S, float]] = {}
         self._park_timer: Timer | None = None
-        # What this topic's upstream was seen to do with Last-Event-ID: None (not yet seen),
-        # True (it resumed), False (it ignored it; sticky, the safe side).
-        self.upstream_resumes: bool | None = None
+        self._record = record or Record()
+
+    @property
+    def upstream_resumes(self) -> bool | None:
+        return self._record.resumes
 
     @property
     def busy(self) -> bool:
@@ -191,7 +206,9 @@ class Resumer(Generic[S]):
         now = self._clock.now()
         route = self._host.target.route
         for last_event_id in list(self._parked):
-            subs = self._parked.pop(last_event_id)
+            subs = self._parked.pop(last_event_id, None)
+            if subs is None:  # left while others were being served
+                continue
             replay = self.ring.after(last_event_id, now)
             for sub, since in subs.items():
                 if replay is not None:
@@ -288,7 +305,8 @@ class Resumer(Generic[S]):
             if verdict is None and not len(ring):
                 ring.bridge(from_id, buffer, ring.front, now)
         for sub, last_event_id in waiters:
-            start = 0 if last_event_id == from_id else (catchup.index(last_event_id) or 0) + 1
+            index = None if last_event_id == from_id else catchup.index(last_event_id)
+            start = 0 if index is None else index + 1
             fetched = [data for _, data in buffer[start:end]]
             if rest is None:
                 self._gap(sub, [data for _, data in buffer[start:]], last_event_id, reason)
@@ -344,7 +362,7 @@ class Resumer(Generic[S]):
     def _learn(self, resumes: bool) -> None:
         if self.upstream_resumes is False or self.upstream_resumes == resumes:
             return
-        self.upstream_resumes = resumes
+        self._record.resumes = resumes
         if not resumes:
             log.warning(
                 "the upstream of %s ignores Last-Event-ID: clients resuming beyond the ring get "

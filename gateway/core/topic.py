@@ -47,7 +47,7 @@ from ..sse import EncodeError, Event, encode
 from ..timing import Backoff, Clock
 from . import ids
 from .catchup import CatchUp
-from .resume import Resumer, gap_event
+from .resume import Record, Resumer, gap_event
 from .ring import Ring, RingLimits
 from .route import Target
 
@@ -135,6 +135,7 @@ class Topic:
         upstreams: Upstreams,
         on_failed: Callable[[Topic, str], None],
         max_id_bytes: int = ids.DEFAULT_MAX_ID_BYTES,
+        record: Record | None = None,
     ) -> None:
         route = target.route
         self._clock = clock
@@ -153,7 +154,7 @@ class Topic:
         self._snapshot: tuple[tuple[Framing, tuple[Subscriber, ...]], ...] | None = None
         # The longest id a client may send back (`[limits] max_last_event_id_bytes`).
         self.max_id_bytes = max_id_bytes
-        self._resumer: Resumer[Subscriber] = Resumer(self, clock)
+        self._resumer: Resumer[Subscriber] = Resumer(self, clock, record)
         # What every live subscriber was handed, counted once per batch: a subscriber's own
         # share is the difference since it went live (for its access log line).
         self._events_out = 0
@@ -290,6 +291,8 @@ class Topic:
 
     def deliver(self, sub: Subscriber, parts: list[bytes], events: int) -> None:
         """Write what `sub` missed in one go, then make it live, with no await in between."""
+        if sub not in self.subscribers:
+            return  # it left meanwhile (a write that failed, say)
         if parts:
             sub.replay(sub.framing(b"".join(parts)), len(parts))
             self.metrics.replayed_events.inc(events)
