@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from gateway.core.hub import Hub
 from gateway.core.resume import PARK_SECONDS
-from gateway.core.route import RouteTable
-from gateway.core.topic import Topic
+from gateway.core.route import RouteTable, Target
+from gateway.core.topic import Topic, UpstreamSink
 from gateway.metrics import Metrics
 from gateway.sse import Event
 
@@ -21,6 +22,18 @@ def learnt(topic: Topic) -> bool | None:
     return topic.upstream_resumes
 
 
+async def live_topic(
+    hub: Hub, upstreams: ScriptedUpstreams, **route: Any
+) -> tuple[Target, UpstreamSink]:
+    """A topic opened by a live subscriber, its upstream connected: (its target, its sink)."""
+    t = target(**route)
+    hub.subscribe(t, FakeSubscriber())
+    await upstreams.wait_opened()
+    sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
+    return t, sink
+
+
 def gap_reason(sub: FakeSubscriber) -> str | None:
     gaps = [json.loads(e.data)["reason"] for e in received(sub) if e.event == "gap"]
     assert len(gaps) <= 1
@@ -30,11 +43,7 @@ def gap_reason(sub: FakeSubscriber) -> str | None:
 async def test_an_upstream_that_ignores_last_event_id_is_a_gap_and_is_remembered(
     hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
 ) -> None:
-    t = target()
-    hub.subscribe(t, FakeSubscriber())
-    await upstreams.wait_opened()
-    sink = upstreams.sinks[t.topic_key]
-    sink.set_state("connected")
+    t, sink = await live_topic(hub, upstreams)
     sink.publish(numbered(1, 5))
     sub = FakeSubscriber()
     topic = hub.subscribe(t, sub, "old")
@@ -95,11 +104,7 @@ async def test_an_answer_that_starts_where_the_topic_began_is_unconfirmed_until_
 async def test_ids_inside_a_catch_up_in_flight_wait_for_it_instead_of_a_request(
     hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
 ) -> None:
-    t = target()
-    hub.subscribe(t, FakeSubscriber())
-    await upstreams.wait_opened()
-    sink = upstreams.sinks[t.topic_key]
-    sink.set_state("connected")
+    t, sink = await live_topic(hub, upstreams)
     sink.publish(numbered(50, 1))
     a, b, c = FakeSubscriber(), FakeSubscriber(), FakeSubscriber()
     hub.subscribe(t, a, "40")
@@ -118,11 +123,7 @@ async def test_ids_inside_a_catch_up_in_flight_wait_for_it_instead_of_a_request(
 async def test_a_client_parked_behind_a_slow_catch_up_starts_its_own(
     hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
 ) -> None:
-    t = target()
-    hub.subscribe(t, FakeSubscriber())
-    await upstreams.wait_opened()
-    sink = upstreams.sinks[t.topic_key]
-    sink.set_state("connected")
+    t, sink = await live_topic(hub, upstreams)
     sink.publish(numbered(50, 1))
     slow, other = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(t, slow, "10")
@@ -139,11 +140,7 @@ async def test_a_client_parked_behind_a_slow_catch_up_starts_its_own(
 async def test_an_upstream_that_replays_from_the_id_itself_repeats_nothing(
     hub: Hub, upstreams: ScriptedUpstreams
 ) -> None:
-    t = target()
-    hub.subscribe(t, FakeSubscriber())
-    await upstreams.wait_opened()
-    sink = upstreams.sinks[t.topic_key]
-    sink.set_state("connected")
+    t, sink = await live_topic(hub, upstreams)
     sink.publish(numbered(10, 1))
     sub = FakeSubscriber()
     hub.subscribe(t, sub, "5")
@@ -155,11 +152,7 @@ async def test_an_upstream_that_replays_from_the_id_itself_repeats_nothing(
 async def test_an_id_past_where_a_catch_up_met_the_topic_waits_for_the_topic(
     hub: Hub, upstreams: ScriptedUpstreams
 ) -> None:
-    t = target()
-    hub.subscribe(t, FakeSubscriber())
-    await upstreams.wait_opened()
-    sink = upstreams.sinks[t.topic_key]
-    sink.set_state("connected")
+    t, sink = await live_topic(hub, upstreams)
     sink.publish(numbered(3, 1))
     a, b = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(t, a, "5")
@@ -181,11 +174,7 @@ async def test_an_id_past_where_a_catch_up_met_the_topic_waits_for_the_topic(
 async def test_an_upstream_id_a_client_could_not_send_back_is_replaced_in_the_ring_and_catch_up(
     hub: Hub, upstreams: ScriptedUpstreams
 ) -> None:
-    t = target()
-    hub.subscribe(t, FakeSubscriber())
-    await upstreams.wait_opened()
-    sink = upstreams.sinks[t.topic_key]
-    sink.set_state("connected")
+    t, sink = await live_topic(hub, upstreams)
     long_id = "x" * 2000
     sink.publish([Event("live", id=long_id), *numbered(2, 1)])
     sub = FakeSubscriber()
