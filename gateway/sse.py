@@ -43,6 +43,13 @@ gateway hold unbounded memory:
 event's own block, so a proxy can tell an event that set an id (and must forward it) from one
 that merely inherits the last event ID buffer.
 
+A block that sets an id but dispatches nothing (no ``data`` line, or an oversize event) still
+changes what a reader sends back as ``Last-Event-ID``, so a proxy must pass it on: `feed`
+returns it as an `Event` with ``dispatch=False`` (its data and type mean nothing), and `encode`
+writes it as the ``id`` line and the blank line alone. A block with neither data nor an id
+changes nothing a reader can observe (its type is reset, its retry already applied) and is not
+returned.
+
 `Parser.last_event_id` is the spec's "last event ID string" (what a client sends as
 ``Last-Event-ID`` when it reconnects): an ``id`` line only sets the private buffer, and the
 buffer is committed at the block's blank line (dispatch step 1, which runs even when no event
@@ -104,11 +111,13 @@ class Event:
 
     ``id`` is the value of the last valid ``id`` line inside this event's block: ``""`` means the
     block reset the last event ID, ``None`` means the block had no valid ``id`` line.
+    ``dispatch=False``: a block that only set ``id`` (see the module docstring).
     """
 
     data: str
     event: str = "message"
     id: str | None = None
+    dispatch: bool = True
 
 
 class SSEError(Exception):
@@ -345,8 +354,10 @@ class Parser:
                 self.last_event_id = id_buffer
                 if oversize:
                     self.oversize_events += 1
-                elif data:
+                if data and not oversize:
                     events.append(Event("\n".join(data), event_type or "message", block_id))
+                elif block_id is not None:
+                    events.append(Event("", id=block_id, dispatch=False))
                 data = []
                 size = 0
                 event_type = ""
@@ -361,8 +372,8 @@ class Parser:
         return events
 
 
-def _check_field(what: str, value: str) -> None:
-    if "\r" in value or "\n" in value or "\x00" in value:
+def _check_field(what: str, value: str, *, nul: bool = False) -> None:
+    if "\r" in value or "\n" in value or (not nul and "\x00" in value):
         # A line end would let the value inject fields or end the event early; a NUL id is
         # silently ignored by clients. Either way the reader would see something else.
         raise EncodeError(f"SSE {what} must not contain CR, LF or NUL: {value[:80]!r}")
@@ -377,9 +388,22 @@ def encode(event: Event) -> bytes:
     return it as "message", so the round trip would not hold. ``id`` is written only when not
     None; ``""`` becomes a bare ``id`` line, which resets the reader's last event ID.
 
-    Raises EncodeError for CR, LF or NUL in ``event`` or ``id``, an empty ``event``, or text
-    that is not encodable as UTF-8 (lone surrogates).
+    An event with ``dispatch=False`` is its ``id`` line and a blank line: it sets the reader's
+    last event ID and dispatches nothing.
+
+    Raises EncodeError for CR or LF in ``event`` or ``id``, NUL in ``id`` (a reader ignores such
+    an id line; NUL in a type is valid and kept), an empty ``event``, a ``dispatch=False`` event
+    without an id, or text that is not encodable as UTF-8 (lone surrogates).
     """
+    if not event.dispatch:
+        if event.id is None:
+            raise EncodeError("an SSE block that dispatches nothing must set an id")
+        _check_field("id", event.id)
+        text = "id: " + event.id + "\n\n" if event.id else "id\n\n"
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EncodeError(f"SSE id is not encodable as UTF-8: {exc.reason}") from None
     text = event.data
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -392,7 +416,7 @@ def encode(event: Event) -> bytes:
     if event.event != "message":
         if not event.event:
             raise EncodeError('SSE event type must not be empty (it would read back as "message")')
-        _check_field("event type", event.event)
+        _check_field("event type", event.event, nul=True)
         text = "event: " + event.event + "\n" + text
     try:
         return text.encode("utf-8")

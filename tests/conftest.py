@@ -53,6 +53,15 @@ class Gateway:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    def metric_total(self, name: str, **labels: str) -> float:
+        """The sum over every sample of `name` whose labels include `labels` (any others)."""
+        return sum(
+            sample.value
+            for family in self.registry.collect()
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
     @property
     def hub(self) -> Any:
         return self.app[HUB]

@@ -177,7 +177,10 @@ class Client:
     """An SSE client over a real socket: raw bytes kept, events parsed as they arrive."""
 
     response: aiohttp.ClientResponse
-    parser: Parser = field(default_factory=Parser)
+    # Browsers bound neither lines nor events: nor does a test client.
+    parser: Parser = field(
+        default_factory=lambda: Parser(max_line_bytes=1 << 26, max_event_bytes=1 << 26)
+    )
     raw: bytearray = field(default_factory=bytearray)
     events: list[Event] = field(default_factory=list)
     changes: Changes = field(default_factory=Changes)

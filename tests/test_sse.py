@@ -89,6 +89,8 @@ def reference_parse(stream: bytes) -> tuple[list[Event], str, int | None]:
             last_id = id_buffer
             if data:
                 events.append(Event(data.removesuffix("\n"), event_type or "message", block_id))
+            elif block_id is not None:  # it moved the last event id: a proxy passes it on
+                events.append(Event("", id=block_id, dispatch=False))
             data = event_type = ""
             block_id = None
             continue
@@ -181,7 +183,15 @@ CASES: list[tuple[str, bytes, list[Event], str, int | None]] = [
         "7",
         None,
     ),
-    ("id-in-block-without-data", b"id: 5\n\ndata: a\n\n", [E("a")], "5", None),
+    (
+        "id-in-block-without-data",
+        b"id: 5\n\ndata: a\n\n",
+        [E("", id="5", dispatch=False), E("a")],
+        "5",
+        None,
+    ),
+    ("id-reset-without-data", b"id\n\n", [E("", id="", dispatch=False)], "", None),
+    ("nul-in-event-type-kept", b"event: a\x00b\ndata: x\n\n", [E("x", "a\x00b")], "", None),
     ("last-id-line-in-block-wins", b"id: 1\nid: 2\ndata: a\n\n", [E("a", id="2")], "2", None),
     ("id-keeps-spaces", b"id:  a b \ndata: x\n\n", [E("x", id=" a b ")], " a b ", None),
     ("retry-digits", b"retry: 10\n\n", [], "", 10),
@@ -203,7 +213,14 @@ CASES: list[tuple[str, bytes, list[Event], str, int | None]] = [
     ("unknown-field-ignored", b"foo: bar\ndata: a\nfoo\n\n", [E("a")], "", None),
     ("field-names-case-sensitive", b"Data: a\nDATA: b\n\n", [], "", None),
     ("space-before-colon-is-other-field", b"data : a\n\n", [], "", None),
-    ("no-data-no-dispatch", b"event: x\nid: 3\nretry: 1\n\n", [], "3", 1),
+    (
+        "no-data-no-dispatch",
+        b"event: x\nid: 3\nretry: 1\n\n",
+        [E("", id="3", dispatch=False)],
+        "3",
+        1,
+    ),
+    ("no-data-no-id-nothing", b"event: x\nretry: 1\n\n", [], "", 1),
     ("unterminated-event-dropped", b"data: a\n\ndata: b\n", [E("a")], "", None),
     ("unterminated-line-dropped", b"data: a\n\ndata: b", [E("a")], "", None),
     ("unterminated-id-line-not-applied", b"id: 5", [], "", None),
@@ -321,7 +338,7 @@ def test_id_is_committed_at_the_blank_line_even_without_data() -> None:
     parser = Parser()
     parser.feed(b"id: 7\n")
     assert parser.last_event_id == ""
-    assert parser.feed(b"\n") == []
+    assert parser.feed(b"\n") == [Event("", id="7", dispatch=False)]  # nothing dispatched
     assert parser.last_event_id == "7"
     parser.feed(b"id\n\n")  # an empty id resets, at its blank line
     assert parser.last_event_id == ""
@@ -393,7 +410,11 @@ def test_oversize_comment_is_discarded_without_dropping_the_event(size: int) -> 
 def test_id_and_retry_inside_oversize_event_still_apply(size: int) -> None:
     stream = b"id: 9\nretry: 5\ndata: " + b"x" * 100 + b"\nid: 10\n\ndata: next\n\n"
     parser = Parser(max_line_bytes=16)
-    assert feed_all(parser, chunked(stream, size)) == [Event("next")]
+    # The event is dropped; its id still moves a reader's last event id, so it is passed on.
+    assert feed_all(parser, chunked(stream, size)) == [
+        Event("", id="10", dispatch=False),
+        Event("next"),
+    ]
     assert parser.oversize_events == 1
     assert parser.last_event_id == "10"
     assert parser.retry_ms == 5
@@ -460,7 +481,7 @@ def test_ten_megabyte_line_in_small_chunks_is_never_buffered() -> None:
     # Inside feed() the buffer may briefly hold one chunk on top of the limit (the bound that
     # matters, max_line_bytes + chunk_size); between calls it is back within the limit itself.
     assert largest <= DEFAULT_MAX_LINE_BYTES
-    assert parser.feed(b"\n\ndata: ok\n\n") == [Event("ok")]
+    assert parser.feed(b"\n\ndata: ok\n\n") == [Event("", id="1", dispatch=False), Event("ok")]
     assert parser.oversize_events == 1
     assert parser.last_event_id == "1"
 
@@ -575,11 +596,33 @@ def test_encode_many_is_concatenation() -> None:
     assert encode_many(iter(events)) == encode_many(events)
 
 
-@pytest.mark.parametrize("bad", ["\r", "\n", "\x00", "a\r\nb", "a\nid: 5", "x\x00"])
-@pytest.mark.parametrize("field", ["event", "id"])
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        *(("event", bad) for bad in ["\r", "\n", "a\r\nb", "a\nid: 5"]),
+        *(("id", bad) for bad in ["\r", "\n", "\x00", "a\r\nb", "a\nid: 5", "x\x00"]),
+    ],
+)
 def test_encode_refuses_line_breaks_and_nul(field: str, bad: str) -> None:
     with pytest.raises(EncodeError):
-        encode(Event("a", **{field: bad}))
+        encode(Event("a", event=bad) if field == "event" else Event("a", id=bad))
+
+
+def test_a_block_that_only_sets_an_id_is_its_id_line_and_a_blank_line() -> None:
+    assert encode(Event("", id="9", dispatch=False)) == b"id: 9\n\n"
+    assert encode(Event("ignored", "ignored", id="", dispatch=False)) == b"id\n\n"
+    events, parser = parse(b"id: 9\n\n")
+    assert events == [Event("", id="9", dispatch=False)]
+    assert parser.last_event_id == "9"
+    with pytest.raises(EncodeError):
+        encode(Event("", dispatch=False))  # nothing to pass on
+    with pytest.raises(EncodeError):
+        encode(Event("", id="a\x00", dispatch=False))
+
+
+def test_nul_in_an_event_type_is_valid_and_round_trips() -> None:
+    event = Event("x", "a\x00b")
+    assert parse(encode(event))[0] == [event]
 
 
 def test_encode_refuses_empty_event_type_and_unencodable_text() -> None:

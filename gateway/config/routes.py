@@ -57,6 +57,10 @@ class UpstreamHeader:
     secret: bool = False
 
 
+# Room on an event-sized line for its field name ("data: ") and then some.
+LINE_HEADROOM_BYTES = 64
+
+
 def option(default: Any, check: Callable[[Any], str | None] | None = None, *, doc: str = "") -> Any:
     """A route option: settable under [defaults] and per route, read by walking the fields.
 
@@ -84,7 +88,9 @@ class RouteConfig:
     retry_max_ms: int = option(5000, non_negative, doc="`retry:` sent at connect, highest")
     linger_seconds: float = option(5.0, non_negative, doc="upstream kept after the last leaves")
     max_unsent_bytes: int = option(256 * 1024, positive, doc="backlog that cuts a subscriber")
-    max_line_bytes: int = option(64 * 1024, positive, doc="longest upstream line")
+    max_line_bytes: int = option(
+        0, non_negative, doc="longest upstream line; 0 = follows max_event_bytes"
+    )
     max_event_bytes: int = option(1024 * 1024, positive, doc="largest upstream event")
     upstream_connect_timeout_seconds: float = option(10.0, positive)
     upstream_idle_timeout_seconds: float = option(120.0, non_negative, doc="stalled upstream")
@@ -112,6 +118,12 @@ class RouteConfig:
     upstream_client_cert_file: str | None = option(None, readable, doc="mTLS certificate")
     upstream_client_key_file: str | None = option(None, readable, doc="mTLS key")
     auth: AuthConfig = NO_AUTH
+
+    @property
+    def line_limit(self) -> int:
+        """The longest upstream line kept: `max_line_bytes`, or by default one line that holds
+        a whole event of `max_event_bytes` (a single-line JSON event is the common case)."""
+        return self.max_line_bytes or self.max_event_bytes + LINE_HEADROOM_BYTES
 
 
 # Route options in declaration order: what [defaults] and a [[routes]] table may set besides

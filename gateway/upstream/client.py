@@ -84,7 +84,7 @@ class UpstreamClient:
         # One parser for the topic's whole life: across reconnects it keeps the committed
         # last event id (an id inside an event cut off mid-way is not committed) and `retry`.
         parser = Parser(
-            max_line_bytes=route.max_line_bytes,
+            max_line_bytes=route.line_limit,
             max_event_bytes=route.max_event_bytes,
             # Direct mode: the client's own Last-Event-ID is where its stream resumes.
             last_event_id=dict(target.client_headers).get("Last-Event-ID", ""),
@@ -142,7 +142,7 @@ class UpstreamClient:
     async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
         route = target.route
         parser = Parser(
-            max_line_bytes=route.max_line_bytes,
+            max_line_bytes=route.line_limit,
             max_event_bytes=route.max_event_bytes,
             last_event_id=last_event_id,
         )
