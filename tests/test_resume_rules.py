@@ -270,3 +270,15 @@ async def test_what_an_upstream_does_with_last_event_id_is_known_to_all_its_topi
     assert learnt(topic_b) is False
     assert gap_reason(sub) == "upstream_ignored_resume"
     assert len(upstreams.catchups) == 1
+
+
+async def test_a_stream_that_never_published_reconnects_without_a_gap(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t, sink = await live_topic(hub, upstreams)
+    live = FakeSubscriber()
+    hub.subscribe(t, live)
+    sink.set_state("backoff")  # an idle topic's upstream recycled: nobody is behind anything
+    sink.set_state("connected")
+    sink.publish([Event("a")])
+    assert [e.event for e in received(live)] == ["message"]

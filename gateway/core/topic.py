@@ -260,7 +260,10 @@ class Topic:
             states[state].inc()
             self.state = state
             if state == "connected":
-                if self._streamed and not self._resumes_stream():
+                # A stream that has delivered something and comes back unable to go on where
+                # it stopped: what was published meanwhile is lost. (Before its first event
+                # there is nothing for a subscriber to be behind of.)
+                if self._streamed and self.ring.next_seq and not self._resumes_stream():
                     self._gap_next = "upstream_reconnected"
                 self._streamed = True
                 self._resumer.unpark()  # catch-ups wait for the topic's own stream
