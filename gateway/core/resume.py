@@ -309,7 +309,11 @@ class Resumer(Generic[S]):
             start = 0 if index is None else index + 1
             fetched = [data for _, data in buffer[start:end]]
             if rest is None:
-                self._gap(sub, [data for _, data in buffer[start:]], last_event_id, reason)
+                # What was fetched goes first only from an upstream known to resume: from any
+                # other it may not follow the client's id, and the gap must come before it.
+                fetched_all = buffer[start:] if self.upstream_resumes else []
+                gap_id = next((i for i, _ in reversed(fetched_all) if i), last_event_id)
+                self._gap(sub, [data for _, data in fetched_all], gap_id, reason)
             elif verdict is not None and last_event_id == from_id:
                 # Not shown to follow the client's id: say so, then everything from there.
                 self._gap(sub, [], last_event_id, verdict, after=fetched + rest)
@@ -436,16 +440,30 @@ class Resumer(Generic[S]):
     # --- the topic's stream ----------------------------------------------------------
 
     def published(self, batch: Sequence[tuple[str | None, bytes]]) -> None:
-        """The topic published `batch`: a catch-up holding one of its ids meets it there."""
+        """The topic published `batch`: a catch-up holding one of its ids meets it there, and
+        a client waiting for one of its ids (ahead of the topic) is served from the ring."""
+        published = set()
         for event_id, _ in batch:
             if not event_id:
                 continue
+            published.add(event_id)
             for catchup in list(self._catchups.values()):
                 index = catchup.index(event_id)
                 if index is not None and not catchup.done:
                     catchup.splice(index, batch)
-            if not self._catchups:
-                return
+        if not published:
+            return
+        waiting = [(s, c, i) for s, (c, i) in self._waiting.items() if i in published]
+        now = self._clock.now()
+        for sub, catchup, last_event_id in waiting:
+            replay = self.ring.after(last_event_id, now)
+            if replay is not None and self._waiting.get(sub, (None,))[0] is catchup:
+                del self._waiting[sub]
+                self._host.deliver(sub, replay, len(replay))
+                if not any(c is catchup for c, _ in self._waiting.values()):
+                    self._drop(catchup)
+        if any(i in published for i in self._parked):
+            self.unpark()
 
     # --- gaps --------------------------------------------------------------------------
 
