@@ -188,6 +188,7 @@ class Resumer(Generic[S]):
         if len(self._catchups) >= route.max_catchups:
             self._gap(sub, [], last_event_id, "catch_up_limit")
             return
+        self.ring.remember_evicted(True)
         catchup = CatchUp(self, last_event_id, self._clock, route.catchup_max_bytes)
         self._catchups[last_event_id] = catchup
         self._waiting[sub] = (catchup, last_event_id)
@@ -276,23 +277,16 @@ class Resumer(Generic[S]):
             meet_id = buffer[meet][0]
             assert meet_id is not None  # a catch-up meets the ring only at an id
             position = ring.position(meet_id, first=True)
-            before: tuple[bool, str | None] = (False, None)
             if position is not None:
                 rest = ring.since(position)
-                before = ring.before(meet_id)
-                if not before[0] and ring.is_anchor(meet_id):
-                    before = (True, meet_id)
             else:  # a tiny ring already evicted it: take the rest of the batch that met it
                 ids = [event_id for event_id, _ in batch]
                 if meet_id in ids:
-                    at = ids.index(meet_id)
-                    rest = [data for _, data in batch[at + 1 :]]
-                    if at:
-                        before = (True, ids[at - 1])
+                    rest = [data for _, data in batch[ids.index(meet_id) + 1 :]]
             if rest is None:
                 reason = "ring_evicted"
             else:
-                verdict = self._judge(catchup, meet, meet_id, before)
+                verdict = self._judge(catchup, buffer)
                 if verdict is None and position is not None:
                     held, held_id = ring.entry_id(position - 1)
                     if held and held_id == meet_id:  # the ring has the meeting event itself
@@ -301,7 +295,7 @@ class Resumer(Generic[S]):
                         ring.bridge(from_id, buffer[: meet + 1], position, now)
         elif reason == "complete":
             rest = []
-            verdict = self._judge(catchup, None, None, (False, None))
+            verdict = self._judge(catchup, buffer)
             if verdict is None and not len(ring):
                 ring.bridge(from_id, buffer, ring.front, now)
         for sub, last_event_id in waiters:
@@ -309,11 +303,10 @@ class Resumer(Generic[S]):
             start = 0 if index is None else index + 1
             fetched = [data for _, data in buffer[start:end]]
             if rest is None:
-                # What was fetched goes first only from an upstream known to resume: from any
-                # other it may not follow the client's id, and the gap must come before it.
-                fetched_all = buffer[start:] if self.upstream_resumes else []
-                gap_id = next((i for i, _ in reversed(fetched_all) if i), last_event_id)
-                self._gap(sub, [data for _, data in fetched_all], gap_id, reason)
+                # Nothing of what was fetched: it may not follow the client's id (an upstream
+                # that ignores it), or run ahead of the topic's stream, which the client now
+                # joins (and would repeat). The gap is at the client's id.
+                self._gap(sub, [], last_event_id, reason)
             elif verdict is not None and last_event_id == from_id:
                 # Not shown to follow the client's id: say so, then everything from there.
                 self._gap(sub, [], last_event_id, verdict, after=fetched + rest)
@@ -326,41 +319,39 @@ class Resumer(Generic[S]):
         if rest is not None:
             self._recheck()
         self.unpark()
+        self._idle_check()
 
-    def _judge(
-        self,
-        catchup: CatchUp,
-        meet: int | None,
-        meet_id: str | None,
-        before: tuple[bool, str | None],
-    ) -> str | None:
-        """None if the catch-up's answer follows its starting id, else the gap's reason.
+    def _idle_check(self) -> None:
+        if not self._catchups:
+            self.ring.remember_evicted(False)  # ghosts serve only catch-ups in flight
 
-        `before`: what the topic knows comes right before the meeting event ((True, the id
-        of an anchor itself when the meeting id is only a position a resume started from).
-        Learns what the upstream does with Last-Event-ID from what can be told apart.
+    def _judge(self, catchup: CatchUp, answer: Sequence[tuple[str | None, bytes]]) -> str | None:
+        """None if the catch-up's `answer` follows its starting id, else the gap's reason.
+
+        Told by its first event: one the topic never carried is history, so the upstream
+        resumed; one the topic carried right after an event other than the client's id means
+        it did not; one the topic carried with nothing known before it (the first event of
+        the topic's stream), or an empty answer, cannot be told from a live answer. Learns
+        what the upstream does with Last-Event-ID from what can be told apart.
         """
-        if meet is None:  # complete: the answer met nothing
-            if catchup.buffer:
-                self._learn(True)  # it returned events the topic's own stream never had
+        if not answer:
+            return None if self.upstream_resumes else "resume_unconfirmed"
+        first = answer[0][0]
+        if not first:
+            return None if self.upstream_resumes else "resume_unconfirmed"
+        ring = self.ring
+        seen, previous = ring.predecessor(first)
+        if seen == "unseen":
+            since = ring.ghosts_since
+            if since is not None and since <= catchup.started_seq:
+                self._learn(True)  # the topic would remember it, had it carried it meanwhile
                 return None
             return None if self.upstream_resumes else "resume_unconfirmed"
-        known, previous = before
-        if meet > 0:
-            # It returned events the topic did not have before the meeting one. When the topic
-            # knows nothing before that one, the catch-up reached further back: a resume.
-            if not known:
-                self._learn(True)
-            return None
-        if known:
-            if previous in (catchup.last_event_id, meet_id):
-                # It follows the client's id (which the ring learnt meanwhile), or it is a
-                # position only a resume answers with (a starting id of an earlier catch-up).
-                return None
+        if seen == "known":
+            if previous == catchup.last_event_id:
+                return None  # right after the client's id, as the topic carried it
             self._learn(False)
             return "upstream_ignored_resume"
-        # Its first event is the oldest the topic knows: a resume from the event just before
-        # the topic's stream began, or a live answer. Only the upstream's record tells.
         return None if self.upstream_resumes else "resume_unconfirmed"
 
     def _learn(self, resumes: bool) -> None:
@@ -405,6 +396,7 @@ class Resumer(Generic[S]):
         if self._catchups.get(catchup.last_event_id) is catchup:
             del self._catchups[catchup.last_event_id]
         catchup.cancel()
+        self._idle_check()
 
     # --- leaving ---------------------------------------------------------------------
 

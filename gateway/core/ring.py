@@ -20,6 +20,14 @@ client holding that id is a ring hit rather than another upstream request. An
 anchor is only a position, never an entry: the event it names was not fetched,
 so there are no bytes to replay for it. A position holds while the ring still
 has every entry after it.
+
+While a catch-up is in flight the ring also remembers the ids it evicts
+(*ghosts*, ids only, no bytes; at most `GHOST_EVENTS_PER_RING_EVENT` times
+`ring_events`), so whether a catch-up's first event is one the topic carried,
+and what came before it there, can be told even when a small ring has
+already dropped it (see resume.py). The ids of the last `RECENT_EVICTED`
+evicted entries are always kept, for the same reason (a quiet topic's ring
+ages out before any catch-up begins).
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# Ghosts kept per ring entry while catch-ups are in flight: a catch-up lasts at most its
+# timeout, and ten rings' worth of events covers that at any rate the ring itself suits.
+GHOST_EVENTS_PER_RING_EVENT = 10
+# Evicted ids always kept: enough for a client a few events behind a topic whose ring aged out.
+RECENT_EVICTED = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +56,14 @@ class Ring:
         "_bytes",
         "_entries",
         "_first",
+        "_ghost_first",
+        "_ghosts",
         "_last",
         "_limits",
         "_newest",
         "_next_seq",
+        "_recent_evicted",
+        "ghosts_since",
     )
 
     def __init__(self, limits: RingLimits) -> None:
@@ -60,6 +78,12 @@ class Ring:
         self._newest: tuple[str, int] | None = None
         self._bytes = 0
         self._next_seq = 0
+        # Evicted ids in seq order from `ghosts_since` (None: not remembering), the first seq
+        # of each, and the last few evicted (seq, id) whenever it happened.
+        self._ghosts: deque[str | None] = deque()
+        self._ghost_first: dict[str, int] = {}
+        self.ghosts_since: int | None = None
+        self._recent_evicted: deque[tuple[int, str | None]] = deque(maxlen=RECENT_EVICTED)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,6 +128,9 @@ class Ring:
             trimmed = True
             seq, event_id, data, _ = entries.popleft()
             self._bytes -= len(data)
+            self._recent_evicted.append((seq, event_id))
+            if self.ghosts_since is not None:
+                self._ghost(seq, event_id)
             if event_id and self._first.get(event_id) == seq:
                 if self._last[event_id] == seq:
                     del self._first[event_id], self._last[event_id]
@@ -134,22 +161,68 @@ class Ring:
             return True, self._entries[seq - front][1]
         return False, None
 
-    def is_anchor(self, event_id: str) -> bool:
-        """True if `event_id` is known here only as a position a catch-up started from."""
-        after = self._anchors.get(event_id)
-        return after is not None and after >= self.front
+    # --- ghosts ----------------------------------------------------------------------
 
-    def before(self, event_id: str) -> tuple[bool, str | None]:
-        """What the ring knows comes right before the first `event_id`: (True, that entry's
-        or anchor's id, None for an entry without one), or (False, None) if it does not know."""
+    def remember_evicted(self, on: bool) -> None:
+        """Start remembering evicted ids (a catch-up began), or forget them (none is left)."""
+        if on:
+            if self.ghosts_since is None:
+                self.ghosts_since = self.front
+        else:
+            self.ghosts_since = None
+            self._ghosts.clear()
+            self._ghost_first.clear()
+
+    def _ghost(self, seq: int, event_id: str | None) -> None:
+        ghosts = self._ghosts
+        if self.ghosts_since is None or seq != self.ghosts_since + len(ghosts):
+            return  # not contiguous (a bridge moved the front back): keep what is sound
+        ghosts.append(event_id)
+        if event_id:
+            self._ghost_first.setdefault(event_id, seq)
+        if len(ghosts) > GHOST_EVENTS_PER_RING_EVENT * self._limits.events:
+            old = ghosts.popleft()
+            if old and self._ghost_first.get(old) == self.ghosts_since:
+                del self._ghost_first[old]  # (a repeated id keeps no later ghost: rare)
+            self.ghosts_since += 1
+
+    def _id_at(self, seq: int) -> tuple[bool, str | None]:
+        """(True, the id) of what the topic carried at `seq` (an entry, a ghost, the last
+        evicted), or (False, None) if the ring does not remember."""
+        front = self.front
+        if front <= seq < self._next_seq:
+            return True, self._entries[seq - front][1]
+        since = self.ghosts_since
+        if since is not None and since <= seq < since + len(self._ghosts):
+            return True, self._ghosts[seq - since]
+        recent = self._recent_evicted
+        if recent and recent[0][0] <= seq <= recent[-1][0]:
+            for evicted_seq, evicted_id in recent:  # seqs ascend, with a hole where a bridge
+                if evicted_seq == seq:  # moved the front back: a short scan, and a rare one
+                    return True, evicted_id
+        return False, None
+
+    def predecessor(self, event_id: str) -> tuple[str, str | None]:
+        """What the topic carried right before the first `event_id`:
+
+        ("known", its id, None for one without) — from an entry, a ghost or an anchor;
+        ("unknown", None) — the topic carried `event_id` but does not know what came before;
+        ("unseen", None) — the topic never carried `event_id`, as far as it remembers.
+        """
         seq = self._first.get(event_id)
         if seq is None:
-            return False, None
-        front = self.front
-        if seq > front:
-            return True, self._entries[seq - 1 - front][1]
+            seq = self._ghost_first.get(event_id)
+        if seq is None:
+            seq = next((s for s, i in self._recent_evicted if i == event_id), None)
+        if seq is None:
+            return "unseen", None
+        known, previous = self._id_at(seq - 1)
+        if known:
+            return "known", previous
         anchor = next((a for a, s in self._anchors.items() if s == seq), None)
-        return anchor is not None, anchor
+        if anchor is not None:
+            return "known", anchor
+        return "unknown", None
 
     def since(self, seq: int) -> list[bytes]:
         """Wire bytes of every entry from `seq` on."""
