@@ -25,17 +25,23 @@ after it. Ids are opaque: order is learnt only from what the upstream returns.
   ignores Last-Event-ID answers a catch-up with live events; started after
   the topic's own stream, its first event is one the topic has or will have,
   which is how ignoring is told from resuming (below).
-- **Never silent.** A catch-up whose first event is one the topic already
-  has, right after an event other than the client's id, proves the upstream
-  ignored the header: those clients get `gap` (`upstream_ignored_resume`)
-  and it is remembered (per upstream URL template, for every topic of that
-  backend, past the topic's life), so later clients get the gap at once,
-  with no request. When the answer cannot be told apart from a live stream (its
-  first event is the oldest the topic knows, or it is empty on a quiet
-  topic) and the topic has never seen this upstream resume, the client gets
-  `gap` (`resume_unconfirmed`): a missed event is possible, so it is said.
-  Once any catch-up returned events its topic never had, the upstream is
-  known to resume and such answers are trusted.
+- **Never silent.** A catch-up's answer is judged by its first event. One
+  the topic never carried is history: the upstream resumed. One the topic
+  carried right after an event other than the client's id proves the
+  upstream ignored the header: those clients get `gap`
+  (`upstream_ignored_resume`) and it is remembered (per upstream URL
+  template, for every topic of that backend, past the topic's life), so
+  later clients get the gap at once, with no request. One the topic carried
+  with nothing known before it (the first event of the topic's own stream),
+  or an empty answer on a quiet topic, cannot be told from a live answer:
+  until this upstream has been seen resuming, the client gets `gap`
+  (`resume_unconfirmed`), since a missed event is possible. (The ring keeps
+  the ids it evicts while catch-ups run, so a small ring does not hide what
+  the topic carried.)
+- **A failed catch-up** (refused, broken, timed out, over its byte bound)
+  delivers nothing of what it fetched: from an upstream that ignores the id
+  it would not follow the client's id, and from one ahead of the topic's
+  stream the client would get it again live. The gap is at the client's id.
 """
 
 from __future__ import annotations
