@@ -23,7 +23,7 @@ has every entry after it.
 
 While a catch-up is in flight the ring also remembers the ids it evicts
 (*ghosts*, ids only, no bytes; at most `GHOST_EVENTS_PER_RING_EVENT` times
-`ring_events`), so whether a catch-up's first event is one the topic carried,
+`ring_events`, or `MIN_GHOST_EVENTS`), so whether a catch-up's first event is one the topic carried,
 and what came before it there, can be told even when a small ring has
 already dropped it (see resume.py). The ids of the last `RECENT_EVICTED`
 evicted entries are always kept, for the same reason (a quiet topic's ring
@@ -39,6 +39,8 @@ from dataclasses import dataclass
 # Ghosts kept per ring entry while catch-ups are in flight: a catch-up lasts at most its
 # timeout, and ten rings' worth of events covers that at any rate the ring itself suits.
 GHOST_EVENTS_PER_RING_EVENT = 10
+# ...and at least this many, for small rings (ids only: some tens of KiB while it lasts).
+MIN_GHOST_EVENTS = 1024
 # Evicted ids always kept: enough for a client a few events behind a topic whose ring aged out.
 RECENT_EVICTED = 64
 
@@ -180,7 +182,7 @@ class Ring:
         ghosts.append(event_id)
         if event_id:
             self._ghost_first.setdefault(event_id, seq)
-        if len(ghosts) > GHOST_EVENTS_PER_RING_EVENT * self._limits.events:
+        if len(ghosts) > max(GHOST_EVENTS_PER_RING_EVENT * self._limits.events, MIN_GHOST_EVENTS):
             old = ghosts.popleft()
             if old and self._ghost_first.get(old) == self.ghosts_since:
                 del self._ghost_first[old]  # (a repeated id keeps no later ghost: rare)
