@@ -28,7 +28,15 @@ ALLOWED: dict[str, set[str]] = {
     "core.ring": set(),
     "core.ids": set(),
     "core.catchup": {"core.ring", "sse", "timing"},
-    "core.resume": {"core.catchup", "metrics", "core.ring", "core.route", "sse", "timing"},
+    "core.resume": {
+        "core.catchup",
+        "core.ids",
+        "metrics",
+        "core.ring",
+        "core.route",
+        "sse",
+        "timing",
+    },
     "core.topic": {
         "core.catchup",
         "core.ids",

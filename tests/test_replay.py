@@ -107,6 +107,7 @@ async def test_catch_up_splices_at_the_first_id_the_ring_holds(
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
     sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
     sink.publish(numbered(1, 5))  # the ring keeps 3, 4 and 5
     sub, same = FakeSubscriber(), FakeSubscriber()
     hub.subscribe(t, sub, "1")
@@ -133,6 +134,7 @@ async def test_catch_up_ahead_of_the_topic_splices_when_the_topic_catches_up(
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
     sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
     sink.publish(numbered(1, 2))
     sub = FakeSubscriber()
     hub.subscribe(t, sub, "9")  # an id this gateway has not seen yet (another replica's)
@@ -186,7 +188,10 @@ async def test_catch_up_does_not_time_out_while_the_topic_upstream_is_down(
     assert sub.received == []
     sink.set_state("connected")
     sink.publish(numbered(7, 3))  # it comes back and meets the catch-up at 7
-    assert ids(sub) == ["6", "7", "8", "9"]
+    # 6 came while the topic was down: history, or a live event the topic missed from an
+    # upstream that ignores the id. Not told apart, so said; nothing is lost either way.
+    assert ids(sub) == [None, "6", "7", "8", "9"]
+    assert json.loads(received(sub)[0].data)["reason"] == "resume_unconfirmed"
 
 
 async def test_catch_up_and_cap_time_out_when_the_topic_is_live(
@@ -244,6 +249,7 @@ async def test_splice_when_the_ring_evicts_the_meeting_id_within_the_batch(
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
     sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
     sink.publish(numbered(1, 2))
     sub = FakeSubscriber()
     hub.subscribe(t, sub, "9")  # ahead of the topic
@@ -260,6 +266,7 @@ async def test_repeated_ids_splice_where_the_streams_line_up(
     hub.subscribe(t, FakeSubscriber())
     await upstreams.wait_opened()
     sink = upstreams.sinks[t.topic_key]
+    sink.set_state("connected")
     sink.publish([Event("a", id="7"), Event("b", id="7"), Event("c", id="8")])
     sub = FakeSubscriber()
     hub.subscribe(t, sub, "5")

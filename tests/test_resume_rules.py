@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.core import ids as ids_rule
 from gateway.core.hub import Hub
-from gateway.core.resume import PARK_SECONDS
+from gateway.core.resume import PARK_SECONDS, REPROBE_SECONDS
+from gateway.core.ring import Ring, RingLimits
 from gateway.core.route import RouteTable, Target
 from gateway.core.topic import Topic, UpstreamSink
 from gateway.metrics import Metrics
@@ -43,23 +45,91 @@ def gap_reason(sub: FakeSubscriber) -> str | None:
 async def test_an_upstream_that_ignores_last_event_id_is_a_gap_and_is_remembered(
     hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
 ) -> None:
-    t, sink = await live_topic(hub, upstreams)
-    sink.publish(numbered(1, 5))
+    t, sink = await live_topic(hub, upstreams, ring_events=3)
+    sink.publish(numbered(1, 5))  # the ring keeps 3 4 5; 1 and 2 the topic carried
     sub = FakeSubscriber()
-    topic = hub.subscribe(t, sub, "old")
+    topic = hub.subscribe(t, sub, "2")
     await upstreams.wait_catchups()
     upstreams.catchups[0][1].publish(numbered(6, 1))  # its answer is the live stream
-    sink.publish(numbered(6, 2))  # 6 follows 5 here, not "old": the header was ignored
+    sink.publish(numbered(6, 2))  # 6 follows 5 here, not 2: the header was ignored
     assert gap_reason(sub) == "upstream_ignored_resume"
     assert ids(sub) == [None, "6", "7"]  # the gap where history breaks, then everything after
-    assert learnt(topic) is False
+    assert learnt(topic) is False  # an id it carried itself: proof
     later = FakeSubscriber()
-    hub.subscribe(t, later, "older")  # remembered: the gap at once, no request
+    hub.subscribe(t, later, "1")  # remembered: the gap at once, no request
     assert gap_reason(later) == "upstream_ignored_resume"
     assert len(upstreams.catchups) == 1
     sink.publish(numbered(8, 1))
     assert ids(later) == [None, "8"]
     assert value(metrics, "sse_gateway_gaps_total", reason="upstream_ignored_resume") == 2
+
+
+async def test_live_answers_to_unknown_ids_mark_an_upstream_as_ignoring_after_three(
+    hub: Hub, upstreams: ScriptedUpstreams, clock: FakeClock
+) -> None:
+    t, sink = await live_topic(hub, upstreams)
+    sink.publish(numbered(1, 1))
+    subs = []
+    for n, junk in enumerate(["a", "b", "c"]):  # ids this process never carried
+        sub = FakeSubscriber()
+        topic = hub.subscribe(t, sub, junk)
+        await upstreams.wait_catchups(n + 1)
+        upstreams.catchups[n][1].publish(numbered(2 + n, 1))  # live answers
+        sink.publish(numbered(2 + n, 1))
+        subs.append(sub)
+    # One or two could be junk or expired ids an honest upstream did not know: said, not learnt.
+    assert [gap_reason(s) for s in subs] == [
+        "resume_unconfirmed",
+        "resume_unconfirmed",
+        "upstream_ignored_resume",
+    ]
+    assert learnt(topic) is False
+    late = FakeSubscriber()
+    hub.subscribe(t, late, "d")
+    assert gap_reason(late) == "upstream_ignored_resume"
+    assert len(upstreams.catchups) == 3
+    clock.advance(REPROBE_SECONDS)  # it may have been wrong: one request goes out again
+    probe = FakeSubscriber()
+    hub.subscribe(t, probe, "-1")
+    await upstreams.wait_catchups(4)
+    upstreams.catchups[3][1].publish(numbered(0, 6))  # history after all: 0 was never live
+    assert learnt(topic) is True
+    assert ids(probe) == ["0", "1", "2", "3", "4"]  # met at 1, then the ring
+
+
+async def test_a_junk_id_does_not_turn_an_upstream_known_to_resume_into_one_that_ignores(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t, sink = await live_topic(hub, upstreams)
+    sink.publish(numbered(10, 1))
+    honest = FakeSubscriber()
+    topic = hub.subscribe(t, honest, "7")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(8, 3))  # history: it resumes
+    assert learnt(topic) is True
+    for n, junk in enumerate(["x", "y", "z", "w"]):
+        sub = FakeSubscriber()
+        hub.subscribe(t, sub, junk)
+        await upstreams.wait_catchups(n + 2)
+        upstreams.catchups[n + 1][1].publish(numbered(11 + n, 1))  # it did not know the id
+        sink.publish(numbered(11 + n, 1))
+        assert gap_reason(sub) == "resume_unconfirmed"
+    assert learnt(topic) is True
+    sink.set_state("backoff")
+    sink.set_state("connected")  # a resuming upstream's reconnect is no gap
+    sink.publish(numbered(15, 1))
+    assert gap_reason(honest) is None
+
+
+async def test_a_gateway_id_outside_the_ring_is_a_gap_at_once(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t, sink = await live_topic(hub, upstreams)
+    sink.publish(numbered(1, 1))
+    sub = FakeSubscriber()
+    hub.subscribe(t, sub, ids_rule.replacement("x" * 5000))  # after a restart, say
+    assert gap_reason(sub) == "not_in_ring"
+    assert upstreams.catchups == []  # no upstream could answer it
 
 
 async def test_an_answer_that_starts_where_the_topic_began_is_unconfirmed_until_a_resume_is_seen(
@@ -261,10 +331,13 @@ async def test_what_an_upstream_does_with_last_event_id_is_known_to_all_its_topi
     sink = upstreams.sinks[t.topic_key]
     sink.set_state("connected")
     sink.publish(numbered(1, 2))
-    hub.subscribe(t, FakeSubscriber(), "old")
+    hub.subscribe(t, FakeSubscriber(), "1")
+    # (1 is in the ring: a hit. Subscribe one the ring evicted below instead.)
+    sink.publish(numbered(3, 1000))
+    hub.subscribe(t, FakeSubscriber(), "2")  # carried, then evicted from the 1,000-event ring
     await upstreams.wait_catchups()
-    upstreams.catchups[0][1].publish(numbered(3, 1))
-    sink.publish(numbered(3, 1))  # ignored: learnt for the backend, not just this topic
+    upstreams.catchups[0][1].publish(numbered(1003, 1))
+    sink.publish(numbered(1003, 1))  # ignored: learnt for the backend, not just this topic
     sub = FakeSubscriber()
     topic_b = hub.subscribe(other, sub, "x")
     assert learnt(topic_b) is False
@@ -282,3 +355,46 @@ async def test_a_stream_that_never_published_reconnects_without_a_gap(
     sink.set_state("connected")
     sink.publish([Event("a")])
     assert [e.event for e in received(live)] == ["message"]
+
+
+async def test_events_without_ids_between_do_not_make_a_resume_look_ignored(
+    hub: Hub, upstreams: ScriptedUpstreams
+) -> None:
+    t, sink = await live_topic(hub, upstreams, ring_events=3)
+    sink.publish([*numbered(1, 3), Event("ping"), *numbered(4, 2)])  # the ring: ping 4 5
+    sub = FakeSubscriber()
+    topic = hub.subscribe(t, sub, "3")
+    await upstreams.wait_catchups()
+    upstreams.catchups[0][1].publish(numbered(4, 2))  # its replay leaves the ping out
+    assert ids(sub) == ["4", "5"]
+    assert gap_reason(sub) is None
+    assert learnt(topic) is not False
+
+
+async def test_a_reconnect_gap_owed_before_a_batch_of_invalid_events_is_written_once(
+    hub: Hub, upstreams: ScriptedUpstreams, metrics: Metrics
+) -> None:
+    t, sink = await live_topic(hub, upstreams, upstream_resume=False)
+    live = FakeSubscriber()
+    hub.subscribe(t, live)
+    sink.publish(numbered(1, 2))
+    sink.set_state("backoff")
+    sink.set_state("connected")
+    sink.publish([Event("bad\ud800")])  # nothing to put the gap in front of
+    sink.publish(numbered(3, 1))
+    assert ids(live) == ["1", "2", None, "3"]
+    late = FakeSubscriber()
+    hub.subscribe(t, late, "1")
+    assert ids(late) == ["2", None, "3"]  # once in the ring too
+    assert value(metrics, "sse_gateway_gaps_total", reason="upstream_reconnected") == 2  # both live
+
+
+def test_the_ids_a_ring_remembers_past_eviction_are_bounded_by_its_bytes() -> None:
+    ring = Ring(RingLimits(events=10, bytes=64 * 1024, seconds=300))
+    ring.remember_evicted(True)
+    for n in range(20_000):
+        ring.append(f"{n:08d}" + "x" * 1016, b"e", 0.0)  # 1 KiB ids
+    assert ring._ghost_bytes <= 64 * 1024  # private, on purpose: the bound is the point
+    assert ring.predecessor(f"{19_999:08d}" + "x" * 1016)[0] == "known"
+    ring.remember_evicted(False)
+    assert not ring._ghosts

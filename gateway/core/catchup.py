@@ -88,6 +88,7 @@ class CatchUp:
         "buffer",
         "done",
         "last_event_id",
+        "outage",
         "started_seq",
         "task",
     )
@@ -102,6 +103,8 @@ class CatchUp:
         self._buffer_bytes = 0
         self._ids: dict[str, int] = {}
         self.started_seq = owner.ring.next_seq
+        # Set when the topic's own stream dropped while this was in flight.
+        self.outage = False
         self.done = False
         self.task: asyncio.Task[None] | None = None
         self._quiet: Timer | None = None

@@ -76,6 +76,16 @@ def replacement(event_id: str) -> str:
     return REPLACED_PREFIX + base64.urlsafe_b64encode(digest).decode("ascii")
 
 
+_REPLACEMENT = re.compile(
+    re.escape(REPLACED_PREFIX) + f"[A-Za-z0-9_-]{{{DEFAULT_DIGEST_BYTES * 4 // 3}}}"
+)
+
+
+def is_replacement(event_id: str) -> bool:
+    """True if `event_id` has the form of a gateway id (`replacement`): no upstream knows it."""
+    return _REPLACEMENT.fullmatch(event_id) is not None
+
+
 def wire_id(event_id: str, max_bytes: int) -> str:
     """The id to send for an upstream id: itself when it comes back intact, else its
     replacement. "" (the upstream resetting the id) is sent as it is."""

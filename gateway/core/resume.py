@@ -54,6 +54,7 @@ from typing import Generic, Protocol, TypeVar
 from ..metrics import RouteMetrics
 from ..sse import Event, encode
 from ..timing import Clock, Timer
+from . import ids
 from .catchup import CatchUp
 from .ring import Ring
 from .route import Target
@@ -64,6 +65,13 @@ log = logging.getLogger(__name__)
 # A catch-up that will fetch its id has done so within milliseconds of the upstream's
 # answer; one second covers a slow upstream's backlog without stalling anyone for long.
 PARK_SECONDS = 1.0
+# Different ids answered live, with no history answer between, that mark an upstream as one
+# that ignores Last-Event-ID. One could be a junk or expired id; a deploy sends back tens of
+# real ones, so three tell a backend that ignores the header quickly.
+IGNORED_AFTER = 3
+# While an upstream is taken to ignore Last-Event-ID, one catch-up this often still goes out,
+# in case it was wrong (junk ids) or the backend changed: a history answer corrects it.
+REPROBE_SECONDS = 60.0
 
 S = TypeVar("S")
 S_contra = TypeVar("S_contra", contravariant=True)
@@ -79,15 +87,25 @@ def gap_event(last_event_id: str, reason: str) -> bytes:
 
 
 class Record:
-    """What an upstream was seen to do with Last-Event-ID: None (not yet seen), True (it
-    resumed), False (it ignored it; sticky, the safe side). Shared by every topic of one
-    upstream URL template (the hub keeps one per template), since that is one backend's
-    behaviour, and kept past a topic's life."""
+    """What an upstream was seen to do with Last-Event-ID, shared by every topic of one
+    upstream URL template (the hub keeps one per template: one backend's behaviour) and kept
+    past a topic's life.
 
-    __slots__ = ("resumes",)
+    `resumes`: None (not yet seen), True (it answered with history: proof, and final), False
+    (it answered live to an id it must have had, or to `IGNORED_AFTER` different ids with no
+    history answer between). False is re-checked: one catch-up every `REPROBE_SECONDS` still
+    goes out, and a history answer makes it True. So junk ids from one client cost the others
+    at most that long of gaps instead of requests, and never silence: every answer that does
+    not show it follows the client's id is a gap.
+    """
+
+    __slots__ = ("live_answers", "probe_at", "resumes")
 
     def __init__(self) -> None:
         self.resumes: bool | None = None
+        # Client ids answered live while `resumes` is None (at most IGNORED_AFTER).
+        self.live_answers: set[str] = set()
+        self.probe_at = 0.0
 
 
 class Host(Protocol[S_contra]):
@@ -121,6 +139,7 @@ class Resumer(Generic[S]):
         "_host",
         "_park_timer",
         "_parked",
+        "_parked_on",
         "_record",
         "_waiting",
         "ring",
@@ -135,6 +154,7 @@ class Resumer(Generic[S]):
         self._waiting: dict[S, tuple[CatchUp, str]] = {}
         # Parked clients by id (in order of arrival) -> {client: when parked}.
         self._parked: dict[str, dict[S, float]] = {}
+        self._parked_on: dict[S, str] = {}  # and back: each parked client's id
         self._park_timer: Timer | None = None
         self._record = record or Record()
 
@@ -155,7 +175,8 @@ class Resumer(Generic[S]):
             host.metrics.replays["hit"].inc()
             host.deliver(sub, replay, len(replay))
             return
-        if not host.target.route.upstream_resume:
+        if not host.target.route.upstream_resume or ids.is_replacement(last_event_id):
+            # A gateway id (ids.py) is not the upstream's: no request could answer it.
             self._gap(sub, [], last_event_id, "not_in_ring")
             return
         host.metrics.replays["catchup"].inc()
@@ -168,29 +189,41 @@ class Resumer(Generic[S]):
         return next((c for c in self._catchups.values() if c.index(event_id) is not None), None)
 
     def _may_start(self) -> bool:
-        # The topic's own stream is up (or has published): a catch-up started now is answered
-        # after it, which is what tells an upstream that ignores the id from one that resumes.
-        return self._host.connected or self.ring.next_seq > 0
+        # The topic's own stream is up: a catch-up started now is answered after it, which is
+        # what tells an upstream that ignores the id from one that resumes.
+        return self._host.connected
+
+    def _ignored(self) -> bool:
+        """Taken to ignore Last-Event-ID, and not yet time to check again."""
+        record = self._record
+        if record.resumes is not False:
+            return False
+        now = self._clock.now()
+        if now >= record.probe_at and not self._catchups:
+            record.probe_at = now + REPROBE_SECONDS
+            return False  # this one goes out: a history answer corrects the record
+        return True
 
     def _wait(self, sub: S, last_event_id: str, since: float) -> None:
-        if self.upstream_resumes is False:  # learnt: no request could bring its history
-            self._gap(sub, [], last_event_id, "upstream_ignored_resume")
+        replay = self.ring.after(last_event_id, self._clock.now())
+        if replay is not None:  # the ring grew back to it meanwhile
+            self._host.deliver(sub, replay, len(replay))
             return
         catchup = self._covering(last_event_id)
+        if catchup is None and self._ignored():
+            self._gap(sub, [], last_event_id, "upstream_ignored_resume")
+            return
         if catchup is not None:
             self._waiting[sub] = (catchup, last_event_id)
         elif not self._catchups and self._may_start():
             self._start(sub, last_event_id)
         else:
-            self._parked.setdefault(last_event_id, {})[sub] = since
+            self._park(sub, last_event_id, since)
             if self._park_timer is None:
                 self._park_timer = self._clock.call_later(PARK_SECONDS, self._on_park_timer)
 
     def _start(self, sub: S, last_event_id: str) -> None:
         route = self._host.target.route
-        if self.upstream_resumes is False:
-            self._gap(sub, [], last_event_id, "upstream_ignored_resume")
-            return
         if len(self._catchups) >= route.max_catchups:
             self._gap(sub, [], last_event_id, "catch_up_limit")
             return
@@ -200,6 +233,17 @@ class Resumer(Generic[S]):
         self._waiting[sub] = (catchup, last_event_id)
         self._host.metrics.catchup_requests.inc()
         self._host.start_catchup(catchup)
+
+    def _park(self, sub: S, last_event_id: str, since: float) -> None:
+        self._parked.setdefault(last_event_id, {})[sub] = since
+        self._parked_on[sub] = last_event_id
+
+    def _unpark_id(self, last_event_id: str) -> dict[S, float] | None:
+        subs = self._parked.pop(last_event_id, None)
+        if subs:
+            for sub in subs:
+                del self._parked_on[sub]
+        return subs
 
     def _on_park_timer(self) -> None:
         self._park_timer = None
@@ -213,7 +257,7 @@ class Resumer(Generic[S]):
         now = self._clock.now()
         route = self._host.target.route
         for last_event_id in list(self._parked):
-            subs = self._parked.pop(last_event_id, None)
+            subs = self._unpark_id(last_event_id)
             if subs is None:  # left while others were being served
                 continue
             replay = self.ring.after(last_event_id, now)
@@ -233,7 +277,7 @@ class Resumer(Generic[S]):
                 elif self._host.connected and now - since >= route.catchup_timeout_seconds:
                     self._gap(sub, [], last_event_id, "catch_up_limit")
                 else:
-                    self._parked.setdefault(last_event_id, {})[sub] = since
+                    self._park(sub, last_event_id, since)
         if self._parked and self._park_timer is None:
             self._park_timer = self._clock.call_later(PARK_SECONDS, self._on_park_timer)
 
@@ -243,7 +287,7 @@ class Resumer(Generic[S]):
         return self._host.encode(event)
 
     def catchup_buffered(self, catchup: CatchUp, event_id: str) -> None:
-        subs = self._parked.pop(event_id, None) if self._parked else None
+        subs = self._unpark_id(event_id) if self._parked else None
         if subs:
             for sub in subs:
                 self._waiting[sub] = (catchup, event_id)
@@ -335,41 +379,57 @@ class Resumer(Generic[S]):
         """None if the catch-up's `answer` follows its starting id, else the gap's reason.
 
         Told by its first event: one the topic never carried is history, so the upstream
-        resumed; one the topic carried right after an event other than the client's id means
-        it did not; one the topic carried with nothing known before it (the first event of
-        the topic's stream), or an empty answer, cannot be told from a live answer. Learns
-        what the upstream does with Last-Event-ID from what can be told apart.
+        resumed; one the topic carried right after an event other than the client's id is a
+        live answer (the upstream ignored the id, or did not know it); one the topic carried
+        with nothing known before it (the first event of the topic's own stream), or an empty
+        answer, cannot be told from a live answer. Learns what the upstream does with
+        Last-Event-ID from what can be told apart (see `Record`).
         """
-        if not answer:
-            return None if self.upstream_resumes else "resume_unconfirmed"
-        first = answer[0][0]
-        if not first:
-            return None if self.upstream_resumes else "resume_unconfirmed"
+        trusted = None if self.upstream_resumes else "resume_unconfirmed"
+        if not answer or not answer[0][0]:
+            return trusted
         ring = self.ring
-        seen, previous = ring.predecessor(first)
+        seen, previous = ring.predecessor(answer[0][0])
         if seen == "unseen":
             since = ring.ghosts_since
-            if since is not None and since <= catchup.started_seq:
-                self._learn(True)  # the topic would remember it, had it carried it meanwhile
+            if not catchup.outage and since is not None and since <= catchup.started_seq:
+                # History: the topic would remember the event had its own stream carried it
+                # since the request (and the stream was up all along, so it would have).
+                self._learn_resumes()
                 return None
-            return None if self.upstream_resumes else "resume_unconfirmed"
+            return trusted
         if seen == "known":
             if previous == catchup.last_event_id:
                 return None  # right after the client's id, as the topic carried it
-            self._learn(False)
-            return "upstream_ignored_resume"
-        return None if self.upstream_resumes else "resume_unconfirmed"
+            return self._live_answer(catchup.last_event_id)
+        return trusted
 
-    def _learn(self, resumes: bool) -> None:
-        if self.upstream_resumes is False or self.upstream_resumes == resumes:
-            return
-        self._record.resumes = resumes
-        if not resumes:
-            log.warning(
-                "the upstream of %s ignores Last-Event-ID: clients resuming beyond the ring get "
-                "a gap event (set the route's upstream_resume = false to skip the request)",
-                self._host.target.topic_key,
-            )
+    def _learn_resumes(self) -> None:
+        record = self._record
+        record.live_answers.clear()
+        if record.resumes is not True:
+            if record.resumes is False:
+                log.info("the upstream of %s resumed after all", self._host.target.topic_key)
+            record.resumes = True
+
+    def _live_answer(self, last_event_id: str) -> str:
+        """A catch-up answered `last_event_id` with live events: the gap's reason, after
+        counting it as evidence that the upstream ignores Last-Event-ID."""
+        record = self._record
+        if record.resumes is None:
+            record.live_answers.add(last_event_id)
+            # An id the topic carried itself: the upstream had it, so it ignored it.
+            if self.ring.carried(last_event_id) or len(record.live_answers) >= IGNORED_AFTER:
+                record.resumes = False
+                record.live_answers.clear()
+                record.probe_at = self._clock.now() + REPROBE_SECONDS
+                log.warning(
+                    "the upstream of %s ignores Last-Event-ID: clients resuming beyond the ring "
+                    "get a gap event (set the route's upstream_resume = false to skip the "
+                    "request)",
+                    self._host.target.topic_key,
+                )
+        return "upstream_ignored_resume" if record.resumes is False else "resume_unconfirmed"
 
     def _recheck(self) -> None:
         """The ring grew at its front: catch-ups holding ids it now has meet it there, and
@@ -415,11 +475,12 @@ class Resumer(Generic[S]):
                 self._drop(catchup)
                 self.unpark()
             return
-        for last_event_id, subs in list(self._parked.items()):
-            if subs.pop(sub, None) is not None:
-                if not subs:
-                    del self._parked[last_event_id]
-                return
+        last_event_id = self._parked_on.pop(sub, None)
+        if last_event_id is not None:
+            parked = self._parked[last_event_id]
+            del parked[sub]
+            if not parked:
+                del self._parked[last_event_id]
 
     def close(self) -> list[CatchUp]:
         """The topic is closing: stop every catch-up and timer, tell nobody; returns the
@@ -430,12 +491,19 @@ class Resumer(Generic[S]):
         self._catchups.clear()
         self._waiting.clear()
         self._parked.clear()
+        self._parked_on.clear()
         if self._park_timer is not None:
             self._park_timer.cancel()
             self._park_timer = None
         return catchups
 
     # --- the topic's stream ----------------------------------------------------------
+
+    def topic_down(self) -> None:
+        """The topic's own stream dropped: what catch-ups in flight receive meanwhile is not
+        evidence of history (the topic was not there to carry it)."""
+        for catchup in self._catchups.values():
+            catchup.outage = True
 
     def published(self, batch: Sequence[tuple[str | None, bytes]]) -> None:
         """The topic published `batch`: a catch-up holding one of its ids meets it there, and

@@ -43,6 +43,8 @@ GHOST_EVENTS_PER_RING_EVENT = 10
 MIN_GHOST_EVENTS = 1024
 # Evicted ids always kept: enough for a client a few events behind a topic whose ring aged out.
 RECENT_EVICTED = 64
+# How far back past events without an id a predecessor is looked for.
+PREDECESSOR_WALK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,7 @@ class Ring:
         "_bytes",
         "_entries",
         "_first",
+        "_ghost_bytes",
         "_ghost_first",
         "_ghosts",
         "_last",
@@ -84,6 +87,7 @@ class Ring:
         # of each, and the last few evicted (seq, id) whenever it happened.
         self._ghosts: deque[str | None] = deque()
         self._ghost_first: dict[str, int] = {}
+        self._ghost_bytes = 0
         self.ghosts_since: int | None = None
         self._recent_evicted: deque[tuple[int, str | None]] = deque(maxlen=RECENT_EVICTED)
 
@@ -174,6 +178,7 @@ class Ring:
             self.ghosts_since = None
             self._ghosts.clear()
             self._ghost_first.clear()
+            self._ghost_bytes = 0
 
     def _ghost(self, seq: int, event_id: str | None) -> None:
         ghosts = self._ghosts
@@ -182,10 +187,15 @@ class Ring:
         ghosts.append(event_id)
         if event_id:
             self._ghost_first.setdefault(event_id, seq)
-        if len(ghosts) > max(GHOST_EVENTS_PER_RING_EVENT * self._limits.events, MIN_GHOST_EVENTS):
+            self._ghost_bytes += len(event_id)
+        limit = max(GHOST_EVENTS_PER_RING_EVENT * self._limits.events, MIN_GHOST_EVENTS)
+        # Bounded by count, and their ids by the ring's own byte bound.
+        while ghosts and (len(ghosts) > limit or self._ghost_bytes > self._limits.bytes):
             old = ghosts.popleft()
-            if old and self._ghost_first.get(old) == self.ghosts_since:
-                del self._ghost_first[old]  # (a repeated id keeps no later ghost: rare)
+            if old:
+                self._ghost_bytes -= len(old)
+                if self._ghost_first.get(old) == self.ghosts_since:
+                    del self._ghost_first[old]  # (a repeated id keeps no later ghost: rare)
             self.ghosts_since += 1
 
     def _id_at(self, seq: int) -> tuple[bool, str | None]:
@@ -211,20 +221,38 @@ class Ring:
         ("unknown", None) — the topic carried `event_id` but does not know what came before;
         ("unseen", None) — the topic never carried `event_id`, as far as it remembers.
         """
+        seq = self._carried_at(event_id)
+        if seq is None:
+            return "unseen", None
+        # Back over events without an id (pings, say), which a replay may well leave out.
+        for _ in range(PREDECESSOR_WALK):
+            anchor = next((a for a, s in self._anchors.items() if s == seq), None)
+            if anchor is not None:
+                return "known", anchor
+            known, previous = self._id_at(seq - 1)
+            if not known:
+                break
+            if previous:
+                return "known", previous
+            seq -= 1
+        return "unknown", None
+
+    def _carried_at(self, event_id: str) -> int | None:
         seq = self._first.get(event_id)
         if seq is None:
             seq = self._ghost_first.get(event_id)
         if seq is None:
             seq = next((s for s, i in self._recent_evicted if i == event_id), None)
-        if seq is None:
-            return "unseen", None
-        known, previous = self._id_at(seq - 1)
-        if known:
-            return "known", previous
-        anchor = next((a for a, s in self._anchors.items() if s == seq), None)
-        if anchor is not None:
-            return "known", anchor
-        return "unknown", None
+        return seq
+
+    def carried(self, event_id: str) -> bool:
+        """Whether the topic carried `event_id` as far as the ring remembers (an entry, a
+        ghost, a recent eviction, a position)."""
+        return (
+            self._carried_at(event_id) is not None
+            or event_id in self._anchors
+            or event_id == self.newest_id
+        )
 
     def since(self, seq: int) -> list[bytes]:
         """Wire bytes of every entry from `seq` on."""

@@ -180,16 +180,10 @@ class Topic:
         self.metrics.events_received.inc(len(events))
         now = self._clock.now()
         ring = self.ring
-        parts = []
+        parts: list[bytes] = []
         batch: list[tuple[str | None, bytes]] = []
         live_id = self._live_id
         gap_reason = self._gap_next
-        if gap_reason is not None:
-            # Where the stream broke: in the ring too, so a replay across it says so.
-            self._gap_next = None
-            gap = gap_event(ring.newest_id or "", gap_reason)
-            parts.append(gap)
-            ring.append(None, gap, now)
         for event in events:
             if event.id is not None:
                 live_id = event.id or None  # "" is the upstream resetting its id
@@ -198,12 +192,18 @@ class Topic:
             except EncodeError:
                 self.dropped("invalid")
                 continue
+            if gap_reason is not None and not parts:
+                # Where the stream broke, in front of its first event since: in the ring
+                # too, so a replay across it says so.
+                self._gap_next = None
+                gap = gap_event(ring.newest_id or "", gap_reason)
+                parts.append(gap)
+                ring.append(None, gap, now)
             parts.append(data)
             batch.append((event_id, data))
             ring.append(event_id, data, now)
         self._live_id = live_id
-        if len(parts) == (gap_reason is not None):
-            self._gap_next = gap_reason  # nothing to put it in front of yet
+        if not parts:
             return
         raw = parts[0] if len(parts) == 1 else b"".join(parts)
         self.last_publish = now
@@ -233,7 +233,7 @@ class Topic:
             metrics.bytes_written.inc(written)
         if refused:
             metrics.dropped["slow"].inc(len(parts) * refused)
-        if gap_reason is not None:
+        if gap_reason is not None and self._gap_next is None:
             metrics.gaps[gap_reason].inc(reached)
             log.warning(
                 "upstream of %s came back unable to resume: %d subscribers got a gap event",
@@ -259,7 +259,9 @@ class Topic:
             states[self.state].dec()
             states[state].inc()
             self.state = state
-            if state == "connected":
+            if state != "connected":
+                self._resumer.topic_down()
+            else:
                 # A stream that has delivered something and comes back unable to go on where
                 # it stopped: what was published meanwhile is lost. (Before its first event
                 # there is nothing for a subscriber to be behind of.)
