@@ -17,8 +17,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.config import from_document
+from gateway.core.hub import Hub
+from gateway.core.route import RouteTable, Target
+from gateway.sse import encode_many
+
 from .conftest import Gateway, GatewayFactory, route_doc
-from .support import Changes, Upstream, connect, events
+from .support import Changes, FakeClock, FakeSubscriber, Upstream, connect, events
 
 MODES = ["shared", "direct"]
 FAST = {"reconnect_initial_seconds": 0.01, "reconnect_max_seconds": 0.05}
@@ -339,3 +344,51 @@ async def test_direct_mode_heartbeats_flow_once_streaming(
     client = await connect(session, gw.url("/events/t"))
     await client.wait_for(lambda c: b": heartbeat\n" in c.raw)
     client.close()
+
+
+# --- the hold: a topic opened for a client that has not joined yet (hub, virtual clock) ----
+
+
+def one_target(linger: float = 5.0) -> Target:
+    route = {"name": "r", "path": "/e/{t}", "upstream": "http://u/{t}", "linger_seconds": linger}
+    doc = {"routes": [route]}
+    return RouteTable(from_document(doc, {}).routes).resolve("/e/a", [])
+
+
+async def test_a_held_topic_does_not_linger_away_and_a_let_go_one_does(
+    hub: Hub, clock: FakeClock
+) -> None:
+    topic = hub.open(one_target(linger=1.0))
+    clock.advance(10)  # waiting for an answer takes as long as it takes
+    assert hub.topics == {topic.key: topic}
+    hub.let_go(topic)  # the client was refused or left: the topic lingers, then closes
+    assert hub.topics == {topic.key: topic}
+    clock.advance(1.5)
+    assert hub.topics == {}
+
+
+async def test_a_join_gets_what_the_topic_published_while_the_head_went_out(
+    hub: Hub, clock: FakeClock
+) -> None:
+    topic = hub.open(one_target())
+    since = topic.ring.next_seq
+    topic.publish(events("a", 1, 2))  # published before the client could join
+    sub = FakeSubscriber()
+    hub.join(topic, sub, None, since)
+    topic.publish(events("a", 3, 1))
+    assert b"".join(sub.received) == encode_many(events("a", 1, 3))
+
+
+async def test_a_join_after_the_topic_ended_hands_over_what_it_published_then_ends(
+    hub: Hub, clock: FakeClock
+) -> None:
+    # A direct topic whose upstream streamed a little and ended before its client joined.
+    topic = hub.open(one_target())
+    since = topic.ring.next_seq
+    topic.publish(events("a", 1, 2))
+    hub.close_route_topics(lambda target: False, "normal")
+    sub = FakeSubscriber()
+    hub.join(topic, sub, None, since)
+    assert b"".join(sub.received) == encode_many(events("a", 1, 2))
+    assert sub.outcome == "normal"
+    assert not topic.subscribers
