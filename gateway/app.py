@@ -94,7 +94,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 "message": exc.message,
             },
         )
-        response = web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
+        # A 204 has no body (RFC 9110 15.3.5): an upstream's 204 is passed on as one.
+        text = None if exc.status == 204 else exc.message + "\n"
+        response = web.Response(status=exc.status, text=text, headers=exc.headers)
         # A refused client gets no second request on this connection: a flood of refused
         # requests costs a connection each, not one pipelined connection for all of them.
         response.force_close()

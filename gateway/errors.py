@@ -101,6 +101,17 @@ class TopicLimit(GatewayError):
     reason = "topic_limit"
 
 
+class UpstreamRefused(GatewayError):
+    """The upstream's answer, passed to the client (README, "What reaches the browser"): its
+    204 or 4xx, or 502/503/504 for a redirect, a wrong type or (direct mode) a 5xx."""
+
+    reason = "upstream"
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.status = status
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used; lists every problem found, one per line."""
 

@@ -73,6 +73,7 @@ REJECT_REASONS = (
     "client_limit",
     "rate_limit",
     "malformed",
+    "upstream",
 )
 
 # From a page reload (seconds) to a dashboard left open all day.

@@ -4,7 +4,9 @@ What only a browser can tell: that a page on another origin, using the platform'
 EventSource with `withCredentials`, gets its cookie through forward auth and its events
 through the CORS headers; that a page on an origin not allowed is stopped by the browser
 (and by the gateway before any upstream); and that EventSource's own reconnection, with the
-Last-Event-ID the browser tracks, resumes a dropped stream without a gap or a duplicate.
+Last-Event-ID the browser tracks, resumes a dropped stream without a gap or a duplicate;
+and that an upstream's 404 closes the browser's EventSource through the gateway, in both
+modes, as it would talking to the upstream directly.
 
 Every server is on 127.0.0.1: the gateway (in-process, on the test's loop), the SSE
 upstream, a page server per origin and a forward-auth backend, each on its own port.
@@ -21,6 +23,7 @@ chromium-driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -295,8 +298,8 @@ async def open_subscribed_page(driver: Any, upstream: Upstream, setup: Setup) ->
     await set_session_cookie(driver, setup.gw)
     await browse(driver, setup.page.origin + "/")
     await wait_page(driver, lambda s: s["opens"] == 1)
-    # The gateway subscribed the page before it opened the upstream: from here on every
-    # published event reaches the page.
+    # The page opened once its topic's upstream answered; the gateway delivers what the
+    # topic publishes from the page's request on, so from here every event reaches the page.
     await upstream.wait_open("t")
 
 
@@ -420,3 +423,46 @@ async def test_an_id_only_block_moves_the_browsers_last_event_id(
     await upstream.send("t", b"id: 1\ndata: a\n\nid: 5\n\ndata: b\n\n")
     state = await wait_page(driver, lambda s: len(s["events"]) >= 2)
     assert received(state) == [("message", "1", "a"), ("message", "5", "b")]
+
+
+@pytest.mark.parametrize("mode", ["shared", "direct"])
+async def test_an_upstream_404_closes_the_browser_eventsource_through_the_gateway(
+    upstream: Upstream,
+    make_gateway: GatewayFactory,
+    servers: Servers,
+    driver: Any,
+    mode: str,
+) -> None:
+    # Talking to this upstream directly, EventSource fails the connection for good on its
+    # 404; through the gateway it must too (issue 12), not stay open or reconnect forever.
+    upstream.status = 404
+    page = await PageServer().start(servers)
+    gw = await make_gateway(
+        route_doc(
+            upstream,
+            mode=mode,
+            cors_origins=[page.origin],
+            cors_credentials=True,
+            retry_ms=200,
+            retry_max_ms=300,
+        )
+    )
+    page.stream_url = gw.url("/events/t")
+    await browse(driver, page.origin + "/")
+
+    state = await wait_page(driver, lambda s: s["readyState"] == CLOSED and s["errors"])
+    assert state["opens"] == 0
+    assert state["events"] == []
+    assert state["errors"] == [{"readyState": CLOSED}]
+    assert len(upstream.connections) == 1
+    assert gw.metric("sse_gateway_requests_rejected_total", reason="upstream") == 1
+
+    # Nothing happens later either: a closed EventSource does not come back, and the gateway
+    # does not retry the upstream for it. Waited for (over the route's retry), never seen.
+    with contextlib.suppress(AssertionError):
+        await wait_page(driver, lambda s: s["opens"] or len(s["errors"]) > 1, timeout=0.5)
+    state = await page_state(driver)
+    assert state["readyState"] == CLOSED
+    assert state["errors"] == [{"readyState": CLOSED}]
+    assert len(upstream.connections) == 1
+    assert gw.hub.topics == {}

@@ -426,11 +426,12 @@ async def _gateway_with_hooks(
     *,
     middleware: Any = None,
     on_prepare: Any = None,
+    **route_options: Any,
 ) -> tuple[web.Application, web.AppRunner, int]:
     """A gateway whose app gets a test middleware or response-prepare hook before it starts:
     how a test makes the client leave at an exact point of the stream's start."""
     doc = {
-        "routes": [route_doc(upstream)],
+        "routes": [route_doc(upstream, **route_options)],
         "limits": {"max_subscribers_per_client": 0, "max_connections_per_second": 0},
         "metrics": {"listen": ""},
     }
@@ -471,7 +472,9 @@ async def test_a_client_gone_at_any_point_of_the_stream_start_ends_it_quietly(
         if point == "before prepare"
         else {"on_prepare": leave_on_prepare}
     )
-    app, runner, port = await _gateway_with_hooks(upstream, **hooks)
+    # The topic is opened before the response starts (its upstream's answer decides the
+    # status): a client gone during prepare leaves it to linger, here for no time at all.
+    app, runner, port = await _gateway_with_hooks(upstream, **hooks, linger_seconds=0)
     try:
         with LogWatcher("aiohttp") as aiohttp_log, LogWatcher("gateway") as log:
             for _ in range(3):

@@ -20,9 +20,9 @@ from .conftest import GatewayFactory, route_doc
 from .support import (
     FakeClock,
     FakeSubscriber,
-    LogWatcher,
     ScriptedUpstreams,
     Upstream,
+    events,
     request_status,
     start_runner,
 )
@@ -268,42 +268,47 @@ async def test_a_share_of_one_lets_one_address_use_the_whole_route(
         hub.admit(target(table, "t4"), client="10.0.0.1")
 
 
-async def test_a_route_filled_while_a_stream_starts_is_a_counted_refusal(
+async def test_a_stream_holds_its_topic_before_its_response_starts(
     upstream: Upstream,
 ) -> None:
-    # The route's last topic is taken between this request's admission and its subscribe
-    # (here: while its response head goes out): its 200 ends at once, and it is a refusal
-    # like any other, counted and logged.
+    # The topic is taken (opened and held) before the response head goes out, since its
+    # upstream's answer decides the status. So a client opening another topic of the full
+    # route while this head goes out is the one refused, with a clean status; this stream,
+    # whose 200 has gone out, is never ended for a limit afterwards.
     config = from_document(
         {"routes": [route_doc(upstream, max_topics=1)], "metrics": {"listen": ""}}, {}
     )
     registry = CollectorRegistry()
     app = make_app(config, metrics=Metrics(registry))
     table = RouteTable(config.routes)
+    refused: list[GatewayError] = []
 
     async def someone_else_opens_a_topic(request: web.BaseRequest, resp: Any) -> None:
         if request.path.startswith("/events/"):
-            app[HUB].subscribe(table.resolve("/events/other", []), FakeSubscriber())
+            try:
+                app[HUB].subscribe(table.resolve("/events/other", []), FakeSubscriber())
+            except TopicLimit as exc:
+                refused.append(exc)
 
     app.on_response_prepare.append(someone_else_opens_a_topic)
     runner = make_runner(app)
     port = await start_runner(runner)
     try:
-        with LogWatcher("gateway.access") as access:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /events/mine HTTP/1.1\r\nHost: x\r\n\r\n")
-            async with asyncio.timeout(5):
-                body = await reader.read()  # to EOF: the stream ended at once
-            writer.close()
-            await access.until(lambda lines: any("rejected" in x for x in lines))
-        assert body.startswith(b"HTTP/1.1 200")
-        assert b"0\r\n\r\n" in body  # a clean end of the chunked body
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /events/mine HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            await upstream.wait_open("mine")
+            await upstream.publish("mine", *events("mine", 1, 1))
+            body = b""
+            while b"data: mine 1" not in body:
+                chunk = await reader.read(4096)
+                assert chunk, body  # the stream goes on: no end before the event
+                body += chunk
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200")
+        assert [type(e) for e in refused] == [TopicLimit]
         labels = {"route": "r", "outcome": "limit"}
-        assert registry.get_sample_value("sse_gateway_connections_closed_total", labels) == 1
-        rejected = {"reason": "topic_limit"}
-        assert registry.get_sample_value("sse_gateway_requests_rejected_total", rejected) == 1
-        (line,) = [x for x in access.records if "rejected" in x]
-        assert "reason=topic_limit" in line
-        assert "path=/events/mine" in line
+        assert not registry.get_sample_value("sse_gateway_connections_closed_total", labels)
     finally:
         await runner.cleanup()

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.config import from_document
+from gateway.core.answer import Answer
 from gateway.core.route import RouteTable, Target
 from gateway.metrics import Metrics
 from gateway.sse import Event
@@ -27,6 +28,8 @@ class RecordingSink:
         self.events: list[Event] = []
         self.states: list[str] = []
         self.drops: list[tuple[str, int]] = []
+        self.answers: list[Answer] = []
+        self.retries: list[int] = []
 
     def publish(self, events: Sequence[Event]) -> None:
         self.events.extend(events)
@@ -36,6 +39,12 @@ class RecordingSink:
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.drops.append((reason, count))
+
+    def answered(self, answer: Answer) -> None:
+        self.answers.append(answer)
+
+    def retry(self, ms: int) -> None:
+        self.retries.append(ms)
 
 
 class RecordingClock(FakeClock):

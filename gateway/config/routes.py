@@ -114,6 +114,9 @@ class RouteConfig:
     # carrying that client's `forward_headers` (per-user streams).
     mode: str = option("shared", _one_of("shared", "direct"), doc="shared or direct")
     forward_headers: tuple[str, ...] = option(("Cookie", "Authorization"), doc="direct mode")
+    # Direct mode passes the upstream's own `retry:` and adds none (a client there must reconnect
+    # as it would talking to the upstream); true adds the gateway's retry_ms range as in shared.
+    direct_retry: bool = option(False, doc="direct mode: also send the gateway's retry:")
     upstream_ca_file: str | None = option(None, readable, doc="CA bundle for https upstreams")
     upstream_client_cert_file: str | None = option(None, readable, doc="mTLS certificate")
     upstream_client_key_file: str | None = option(None, readable, doc="mTLS key")

@@ -15,6 +15,11 @@
   a share of the route's `max_topics` (half by default). Both answer 429;
   everyone else keeps the rest. Direct routes are exempt: a direct topic is one client's own
   stream, already bounded by the per-client stream limit.
+- A client may hold a topic before it subscribes (`open`, then `join` or
+  `let_go`): the edge opens the topic, waits for its upstream's first answer
+  and only then answers the client (README, "What reaches the browser"). A
+  held topic does not linger away, and what it publishes meanwhile is
+  delivered at `join`.
 - Drain: streams end in jittered waves, so clients do not return at once; the
   drain is done after the last wave or as soon as no subscriber is left.
 """
@@ -65,6 +70,8 @@ class Hub:
         self._topics: dict[str, Topic] = {}
         self._route_topics: dict[str, int] = {}
         self._lingering: dict[Topic, Timer] = {}
+        # Topics held by clients that have not joined yet (`open`) -> how many such clients.
+        self._holds: dict[Topic, int] = {}
         self._records: dict[str, Record] = {}
         # Shared topics whose opener no other client has joined yet -> that opener, and how
         # many such topics each (client, route) holds. Both only hold open topics.
@@ -147,6 +154,15 @@ class Hub:
 
         `client` (the client's address) is who opens or joins; None skips per-client limits.
         """
+        topic = self.open(target, client=client)
+        self.join(topic, sub, last_event_id)
+        return topic
+
+    def open(self, target: Target, *, client: str | None = None) -> Topic:
+        """The target's topic, opened if new, held for a client that will `join` or `let_go`.
+
+        Raises like `admit`. Synchronous, so concurrent first clients open one upstream.
+        """
         if self._closing:
             raise RuntimeError("hub is closing")
         self.admit(target, client=client)
@@ -181,10 +197,44 @@ class Hub:
             opener = self._opened_by.get(topic)
             if opener is not None and client is not None and client != opener:
                 self._unsolo(topic, opener)  # someone else wants it too: no longer one's own
-        topic.metrics.subscribers.inc()
-        topic.add(sub, last_event_id)
-        self._subscribers += 1
+        self._holds[topic] = self._holds.get(topic, 0) + 1
         return topic
+
+    def join(
+        self,
+        topic: Topic,
+        sub: Subscriber,
+        last_event_id: str | None = None,
+        since: int | None = None,
+    ) -> None:
+        """Subscribe `sub` to the topic it holds (`open`), after what it missed since ring
+        position `since` (or since `last_event_id`).
+
+        A topic that ended meanwhile (its upstream's final answer, a direct upstream's end)
+        hands `sub` what it published since `since`, then ends `sub` as it ended the others.
+        """
+        self._release(topic)
+        if self._topics.get(topic.key) is not topic:
+            if since is not None and since < topic.ring.next_seq:
+                parts = topic.missed(since)
+                sub.replay(sub.framing(b"".join(parts)), len(parts))
+            sub.close("normal")
+            return
+        topic.metrics.subscribers.inc()
+        topic.add(sub, last_event_id, since)
+        self._subscribers += 1
+
+    def let_go(self, topic: Topic) -> None:
+        """The client holding `topic` will not join (refused, gone): it may linger away."""
+        self._release(topic)
+        self._idle(topic)
+
+    def _release(self, topic: Topic) -> None:
+        held = self._holds[topic] - 1
+        if held:
+            self._holds[topic] = held
+        else:
+            del self._holds[topic]
 
     def unsubscribe(self, topic: Topic, sub: Subscriber) -> tuple[int, int]:
         """Remove `sub`; the last one out starts the topic's linger timer.
@@ -200,17 +250,30 @@ class Hub:
             for done in self._drains:
                 done.set()  # the drain's work is done before its window is
             self._drains.clear()
-        if topic.subscribers or self._topics.get(topic.key) is not topic:
-            return handed
+        self._idle(topic)
+        return handed
+
+    def _idle(self, topic: Topic) -> None:
+        """Start the linger of a topic nobody is in or about to join."""
+        if (
+            topic.subscribers
+            or topic in self._holds
+            or topic in self._lingering
+            or self._topics.get(topic.key) is not topic
+        ):
+            return
         route = topic.target.route
         # A direct topic is one client's own upstream request: nobody else can reuse it.
         linger = 0.0 if route.mode == "direct" else route.linger_seconds
         self._lingering[topic] = self.clock.call_later(linger, lambda: self._expire(topic))
-        return handed
 
     def _expire(self, topic: Topic) -> None:
         self._lingering.pop(topic, None)
-        if not topic.subscribers and self._topics.get(topic.key) is topic:
+        if (
+            not topic.subscribers
+            and topic not in self._holds
+            and self._topics.get(topic.key) is topic
+        ):
             self._close_topic(topic, "normal")
 
     def _failed(self, topic: Topic, outcome: str) -> None:

@@ -43,9 +43,10 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ..metrics import RouteMetrics
-from ..sse import EncodeError, Event, encode
+from ..sse import EncodeError, Event, encode, encode_retry
 from ..timing import Backoff, Clock
 from . import ids
+from .answer import STREAM, Answer
 from .catchup import CatchUp
 from .resume import Record, Resumer, gap_event
 from .ring import Ring, RingLimits
@@ -88,11 +89,24 @@ class UpstreamSink(Protocol):
     def dropped(self, reason: str, count: int = 1) -> None: ...
 
 
+class TopicSink(UpstreamSink, Protocol):
+    """What a topic's own upstream (not a catch-up) reports besides events."""
+
+    def answered(self, answer: Answer) -> None:
+        """How the upstream answered an attempt, before any of its events."""
+        ...
+
+    def retry(self, ms: int) -> None:
+        """The upstream sent `retry: ms` (reported by direct topics, whose client it is for)."""
+        ...
+
+
 class Upstreams(Protocol):
     """How the hub reaches upstreams; injected by the composition root, so no aiohttp here."""
 
-    async def stream(self, target: Target, sink: UpstreamSink) -> None:
-        """Run the topic's upstream (live, then resuming by itself) until cancelled."""
+    async def stream(self, target: Target, sink: TopicSink) -> None:
+        """Run the topic's upstream (live, then resuming by itself) until cancelled, or until
+        a final answer (`answer.py`), after which the topic ends."""
         ...
 
     async def catch_up(self, target: Target, sink: UpstreamSink, last_event_id: str) -> None:
@@ -104,6 +118,7 @@ class Topic:
     """One upstream subscription, its replay ring and the subscribers that share it."""
 
     __slots__ = (
+        "_answered",
         "_bytes_out",
         "_clock",
         "_events_out",
@@ -117,6 +132,7 @@ class Topic:
         "_streamed",
         "_upstream",
         "_upstreams",
+        "answer",
         "key",
         "last_publish",
         "max_id_bytes",
@@ -170,6 +186,10 @@ class Topic:
         # reason) when it came back unable to resume.
         self._streamed = False
         self._gap_next: str | None = None
+        # The upstream's first answer (or a final one), which a client arriving before it waits
+        # for (`wait_answer`); set when the topic stops, so nobody waits on a closed topic.
+        self.answer: Answer | None = None
+        self._answered = asyncio.Event()
 
     # --- UpstreamSink ---------------------------------------------------------
 
@@ -262,6 +282,8 @@ class Topic:
             if state != "connected":
                 self._resumer.topic_down()
             else:
+                if self.answer is None:
+                    self.answered(STREAM)  # an upstream that reports no answer (a test double)
                 # A stream that has delivered something and comes back unable to go on where
                 # it stopped: what was published meanwhile is lost. (Before its first event
                 # there is nothing for a subscriber to be behind of.)
@@ -286,6 +308,28 @@ class Topic:
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.metrics.dropped[reason].inc(count)
+
+    # --- TopicSink: what reaches the browser (answer.py) ------------------------------
+
+    def answered(self, answer: Answer) -> None:
+        if self.answer is None or answer.final:
+            self.answer = answer
+            self._answered.set()
+
+    async def wait_answer(self) -> Answer | None:
+        """The upstream's first answer; None if the topic stopped before one came."""
+        await self._answered.wait()
+        return self.answer
+
+    def retry(self, ms: int) -> None:
+        # Kept in the ring too, so a client that joins after it was read (its response head
+        # still on the way) gets it with what it missed.
+        data = encode_retry(ms)
+        self.ring.append(None, data, self._clock.now())
+        for framing, group in self._groups.items():
+            framed = framing(data)
+            for sub in group:
+                sub.send(framed)
 
     # --- joining -----------------------------------------------------------------
 
@@ -318,14 +362,27 @@ class Topic:
 
     # --- membership -------------------------------------------------------------
 
-    def add(self, sub: Subscriber, last_event_id: str | None) -> None:
-        """Join `sub`, after replaying what it missed since `last_event_id` (if any)."""
+    def add(self, sub: Subscriber, last_event_id: str | None, since: int | None = None) -> None:
+        """Join `sub`, after replaying what it missed since `last_event_id` (if any), or else
+        what the topic published from ring position `since` on (while its response head
+        was written)."""
         self.subscribers[sub] = None
         sub.topics.append(self)
         if last_event_id:
             self._resumer.resume(sub, last_event_id)
+        elif since is not None and since < self.ring.next_seq:
+            self.deliver(sub, self.missed(since), 0)
         else:
             self._join_live(sub)
+
+    def missed(self, since: int) -> list[bytes]:
+        """What the topic published from ring position `since` on, with a gap in front if
+        the ring no longer holds all of it."""
+        parts = self.ring.since(since)
+        if since < self.ring.front:
+            parts.insert(0, gap_event("", "ring_evicted"))
+            self.metrics.gaps["ring_evicted"].inc()
+        return parts
 
     def remove(self, sub: Subscriber) -> tuple[int, int] | None:
         """Remove `sub`; None if it was not here, else the (events, bytes) it was handed live."""
@@ -368,8 +425,10 @@ class Topic:
                     return
                 log.exception("upstream runner for %s crashed; restarting it", self.key)
             else:
-                if route.mode == "direct":
-                    self._on_failed(self, "normal")  # its upstream ended: so does the client's
+                if route.mode == "direct" or (self.answer is not None and self.answer.final):
+                    # Its upstream ended (direct), or said stop for good (a final answer): so
+                    # do the clients' streams; those who come back meet the next answer.
+                    self._on_failed(self, "normal")
                     return
                 log.error("upstream runner for %s returned; restarting it", self.key)
             # A shared runner retries by itself until cancelled; reaching here is a bug. Contain
@@ -396,6 +455,7 @@ class Topic:
 
     async def stop(self) -> None:
         """Close the upstream and every catch-up; the subscribers are the owner's to end."""
+        self._answered.set()  # a client waiting for an answer stops waiting
         # Ended with the topic: no splice, no gap.
         tasks = [c.task for c in self._resumer.close() if c.task is not None]
         task, self._upstream = self._upstream, None

@@ -17,6 +17,15 @@ A stream ends when the hub closes it, when it is cut off as slow, or when the
 socket reports the client gone (`connection_lost`); its bookkeeping (hub,
 wheel, metrics, access log, admission) runs once, on the next loop turn.
 
+Before any of that, the client waits (at most `upstream_connect_timeout_seconds`)
+for its topic's first upstream answer, unless the topic already has one, and is
+answered as `core/answer.py` says: the stream, or the upstream's 204/4xx (and
+502 for a redirect or a wrong type; in direct mode 502/503/504 for a 5xx) as
+the response's status, which a browser's EventSource takes as final. So a
+client ends where it would talking to the upstream (README, "What reaches the
+browser"). The topic is opened (held) before the wait, so what it publishes
+while the head is written is delivered at the join.
+
 The preamble is one block, `: ok` and the `retry:` hint, ended by its blank
 line so a client (or a test) knows at once that it is subscribed and every
 later event starts a block of its own. Browsers dispatch nothing for it;
@@ -26,12 +35,15 @@ which the README's client guide tells them to skip. The goodbye written when
 the gateway ends a stream (`retry:` alone) is left unterminated: browsers
 apply `retry:` as soon as they parse the line (WHATWG "event stream
 interpretation"), and the end of the stream discards the open block, so no
-client sees an empty message there.
+client sees an empty message there. In direct mode the gateway sends no
+`retry:` of its own unless the route sets `direct_retry`: the upstream's own
+`retry:` reaches the client, as it would directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -39,10 +51,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..config import RouteConfig
+from ..core.answer import Answer
 from ..core.hub import Hub
 from ..core.route import Target
 from ..core.topic import Framing, Topic
-from ..errors import ClientLimit, RateLimited, TopicLimit
+from ..errors import UpstreamRefused
 from ..metrics import RouteMetrics
 from ..sse import encode_comment, encode_retry
 from ..timing import Clock, Timer
@@ -64,6 +78,13 @@ SSE_HEADERS = {
     # nginx (and proxies that copy it) would otherwise buffer the response.
     "X-Accel-Buffering": "no",
 }
+
+
+def sends_retry(route: RouteConfig) -> bool:
+    """Whether the gateway writes its own `retry:` (preamble, goodbye, turn-away): always in
+    shared mode, where it spreads reconnects; in direct mode only if the route asks, since
+    there the client's reconnection time is the upstream's to set."""
+    return bool(route.retry_ms) and (route.mode != "direct" or route.direct_retry)
 
 
 def retry_line(ms: int) -> bytes:
@@ -345,9 +366,11 @@ async def turn_away(
     resp = web.StreamResponse(status=200, headers=SSE_HEADERS | dict(extra_headers))
     resp.force_close()
     retry_ms = random.randint(route.retry_ms, route.retry_max_ms) if route.retry_ms else 1000
+    # Direct mode: the client keeps the upstream's reconnection time unless the route asks.
+    hint = retry_line(retry_ms) if route.mode != "direct" or sends_retry(route) else b""
     try:
         await resp.prepare(request)
-        await resp.write(OPENING + retry_line(retry_ms))
+        await resp.write(OPENING + hint)
         await resp.write_eof()
     except ConnectionError:
         raise _client_gone() from None
@@ -358,21 +381,38 @@ async def serve(request: web.Request, admitted: Admitted, services: Services) ->
     """Stream `admitted.target`'s topic to this request until the client, the hub or shutdown
     ends it.
 
-    Two steps: `_open` sends the response head and the preamble through aiohttp (it
-    awaits, and the client may leave at any point of it); `_join` subscribes and
-    detaches with no await, so the stream starts at an event boundary. A client gone
-    before its stream started ends the handler as aiohttp ends it for a client that
-    left (cancelled): nothing is logged and nothing went wrong.
+    Three steps: the topic is opened (held) and its upstream's first answer awaited,
+    which may refuse the request with the upstream's status; `_open` sends the
+    response head and the preamble through aiohttp (it awaits, and the client may
+    leave at any point of it); `_join` subscribes and detaches with no await, so the
+    stream starts at an event boundary. A client gone before its stream started
+    ends the handler as aiohttp ends it for a client that left (cancelled): nothing
+    is logged and nothing went wrong.
     """
     hub = services.hub
     owned = False  # True once `release` belongs to the stream's end
+    held: Topic | None = None  # a topic this request holds and has not joined
     try:
         target = admitted.target
+        route = target.route
         if hub.is_closing():
             return await turn_away(request, target, admitted.headers)
+        if request.transport is None or request.transport.is_closing():
+            raise _client_gone()  # gone already: open nothing for it
+        metrics = hub.metrics.route(route.name)
+        if not admitted.still_current():
+            # A reload replaced the routes this request was decided under (during its auth
+            # check): open nothing of the old route; the client comes back under the new one.
+            return await _open_and_end(request, target, admitted.headers, metrics)
         # Before the response starts, so a refusal is a clean 503/429.
-        hub.admit(target, client=admitted.client_key or admitted.client)
-        metrics = hub.metrics.route(target.route.name)
+        held = hub.open(target, client=admitted.client_key or admitted.client)
+        since = held.ring.next_seq
+        answer = await _first_answer(held, route.upstream_connect_timeout_seconds)
+        if hub.is_closing():
+            return await turn_away(request, target, admitted.headers)
+        refusal = _refusal(answer, route, admitted.headers)
+        if refusal is not None:
+            raise refusal
         opened = await _open(request, target, admitted.headers, metrics)
         if opened is None:
             raise _client_gone()
@@ -380,15 +420,63 @@ async def serve(request: web.Request, admitted: Admitted, services: Services) ->
             # Shutdown began, or a reload changed the routes, while the preamble was written:
             # end now; the client comes back under whatever serves then.
             return opened.response
-        owned = _join(request, opened, admitted, services, metrics)
-        if not owned:
-            return opened.response
+        if route.mode == "direct" and (answer is None or answer.kind == "unreachable"):
+            # No answer from its upstream: the client reconnects on its own schedule, as it
+            # would after a network error talking to the upstream directly.
+            return await _end(opened)
+        topic, held = held, None  # `_join` hands the hold to the hub
+        owned = _join(request, opened, admitted, services, metrics, topic, since)
     finally:
+        if held is not None:
+            hub.let_go(held)
         if not owned:
             admitted.release()
     # aiohttp now holds nothing of this connection and has cancelled this handler, as it does
     # when a client leaves: end it the same way, so aiohttp writes and logs nothing.
     raise asyncio.CancelledError
+
+
+async def _open_and_end(
+    request: web.Request, target: Target, headers: Mapping[str, str], metrics: RouteMetrics
+) -> web.StreamResponse:
+    """A stream that ends after its preamble: the client reconnects."""
+    opened = await _open(request, target, headers, metrics)
+    if opened is None:
+        raise _client_gone()
+    return await _end(opened)
+
+
+async def _end(opened: _Opened) -> web.StreamResponse:
+    with contextlib.suppress(ConnectionError):
+        await opened.response.write_eof()
+    return opened.response
+
+
+async def _first_answer(topic: Topic, timeout_seconds: float) -> Answer | None:
+    """The topic's first upstream answer, waited for at most `timeout_seconds`; None if
+    none came (the topic keeps trying; a shared client streams meanwhile)."""
+    if topic.answer is not None:
+        return topic.answer
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            return await topic.wait_answer()
+    except TimeoutError:
+        return None
+
+
+def _refusal(
+    answer: Answer | None, route: RouteConfig, headers: Mapping[str, str]
+) -> UpstreamRefused | None:
+    """The upstream's answer as this client's status, when it is not a stream to open.
+
+    Final answers pass in both modes. A 5xx passes in direct mode only: a browser talking
+    to the upstream would stop there, while a shared topic hides it and retries.
+    """
+    if answer is None or not (answer.final or (answer.kind == "error" and route.mode == "direct")):
+        return None
+    # The CORS headers too: without them a cross-origin EventSource sees a network error and
+    # reconnects, where the status alone makes it stop.
+    return UpstreamRefused(answer.status, answer.reason, headers=dict(headers))
 
 
 def _client_gone() -> asyncio.CancelledError:
@@ -422,7 +510,9 @@ async def _open(
         resp.enable_chunked_encoding()
     # Drawn per connection, so clients cut off together come back spread over the range.
     retry = (
-        retry_line(random.randint(route.retry_ms, route.retry_max_ms)) if route.retry_ms else b""
+        retry_line(random.randint(route.retry_ms, route.retry_max_ms))
+        if sends_retry(route)
+        else b""
     )
     preamble = OPENING + retry + b"\n"
     try:
@@ -443,10 +533,12 @@ def _join(
     admitted: Admitted,
     services: Services,
     metrics: RouteMetrics,
+    topic: Topic,
+    since: int,
 ) -> bool:
-    """Subscribe the opened stream and take its socket from aiohttp; False if the route is
-    full. No await: the stream starts at an event boundary, and the socket cannot change
-    hands half way."""
+    """Subscribe the opened stream to the topic it holds, after what the topic published
+    from ring position `since` on, and take its socket from aiohttp. No await: the stream
+    starts at an event boundary, and the socket cannot change hands half way."""
     hub, target = services.hub, admitted.target
     route = target.route
     downstream = Downstream(
@@ -460,31 +552,7 @@ def _join(
         metrics=metrics,
     )
     downstream.own_bytes += len(opened.preamble)
-    try:
-        topic = hub.subscribe(
-            target,
-            downstream,
-            admitted.last_event_id,
-            client=admitted.client_key or admitted.client,
-        )
-    except (TopicLimit, ClientLimit, RateLimited) as refused:
-        # Others filled the route (or this client spent its topic opens) while this preamble
-        # was written: end the stream; the client retries after `retry:`. A refusal like
-        # any other, counted and logged as one, though its 200 has gone out.
-        metrics.closed["limit"].inc()
-        hub.metrics.requests_rejected.labels(refused.reason).inc()
-        services.access.write(
-            "rejected",
-            {
-                "method": request.method,
-                "path": request.raw_path.partition("?")[0][:200],
-                "client": admitted.client,
-                "status": 200,
-                "reason": refused.reason,
-                "message": refused.message + " (after the stream started)",
-            },
-        )
-        return False
+    hub.join(topic, downstream, admitted.last_event_id, since)
     services.wheel.add(downstream)
     metrics.opened.inc()
     stream = _Stream(downstream, topic, admitted, services)

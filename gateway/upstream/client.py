@@ -1,15 +1,19 @@
 """The upstream side: one long-lived GET per topic, parsed as bytes arrive.
 
 `UpstreamClient` is how the hub reaches upstreams. For each topic it connects,
-checks the response (2xx and `text/event-stream`, else a logged reason),
-feeds every chunk to a fresh `sse.Parser` as soon as it arrives and publishes
-the events of that read as one batch. When the stream ends or fails it
+checks the response (2xx and `text/event-stream`, else a logged reason), reports
+what the answer means to a client (`core/answer.py`) before any event, feeds
+every chunk to a fresh `sse.Parser` as soon as it arrives and publishes the
+events of that read as one batch. When the stream ends or fails it
 reconnects after a jittered exponential backoff, never sooner than the
 upstream's `retry:` but never later than the route's `reconnect_max_seconds` (an
 upstream cannot park a topic), and resumes with `Last-Event-ID`. The first
 failure since events last flowed is a warning, the outage's further attempts
 are debug lines, and every wait is observed in a histogram. Failures stay inside
 the topic's own task: nothing here raises into the hub except cancellation.
+A final answer (204, 4xx, a redirect, a wrong type) is not retried: the runner
+returns and the topic ends. A direct topic's upstream `retry:` is reported to
+it, so its client gets the upstream's own reconnection time.
 `catch_up` is the same request made once, for the events after a client's
 Last-Event-ID; it ends when the hub has what it needs or the stream ends.
 
@@ -20,18 +24,23 @@ Choices that matter for streams:
 - `Accept-Encoding: identity`: a compressing upstream buffers to fill
   compression blocks, which delays events.
 - No redirects: the upstream's location comes from configuration only.
+- `upstream_connect_timeout_seconds` bounds the wait for the response head, not
+  only the TCP connect: an upstream that accepts and never answers holds its
+  clients no longer than that (aiohttp's `sock_read` would wait the idle timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
 
 import aiohttp
 
+from ..core.answer import Answer, of_response, unreachable
 from ..core.route import Target
-from ..core.topic import UpstreamSink
+from ..core.topic import TopicSink, UpstreamSink
 from ..metrics import Metrics, RouteMetrics
 from ..sse import Parser
 from ..timing import Backoff, Clock
@@ -51,12 +60,14 @@ _BASE_HEADERS = {
 
 
 class _Failed(Exception):
-    """One attempt ended; `reason` is a metrics label, `detail` goes to the log."""
+    """One attempt ended; `reason` is a metrics label, `detail` goes to the log, `answer` is
+    what the attempt's head meant (None once the stream had started)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, answer: Answer | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.answer = answer
 
 
 class UpstreamClient:
@@ -72,7 +83,7 @@ class UpstreamClient:
         self._clock = clock
         self._rng = rng or random.Random()
 
-    async def stream(self, target: Target, sink: UpstreamSink) -> None:
+    async def stream(self, target: Target, sink: TopicSink) -> None:
         route = target.route
         metrics = self._metrics.route(route.name)
         backoff = Backoff(
@@ -107,15 +118,30 @@ class UpstreamClient:
                         resume_id[:64],
                     )
                 headers.pop("Last-Event-ID", None)
+            answer = None
             try:
-                await self._stream(target, sink, metrics, parser, headers, timeout, backoff)
+                await self._stream(
+                    target, sink, metrics, parser, headers, timeout, backoff, topic=sink
+                )
                 reason, detail = "eof", "upstream closed the stream"
             except _Failed as failure:
-                reason, detail = failure.reason, failure.detail
+                reason, detail, answer = failure.reason, failure.detail, failure.answer
             finally:
                 sink.set_state("backoff")
                 parser.close()
             metrics.upstream_failures[reason].inc()
+            if answer is not None:
+                sink.answered(answer)
+                if answer.final:
+                    # The upstream's own "stop": retrying would turn it into a loop, and a
+                    # client talking to it directly would stop too. The topic ends.
+                    log.warning(
+                        "upstream %s for route %s: %s; not retried, its topic ends",
+                        target.upstream_url,
+                        route.name,
+                        detail,
+                    )
+                    return
             if route.mode == "direct":
                 # One request per client: when it ends the client's stream ends, and the
                 # client reconnects (with its Last-Event-ID) on its own schedule.
@@ -164,23 +190,39 @@ class UpstreamClient:
         headers: dict[str, str],
         client_timeout: aiohttp.ClientTimeout,
         backoff: Backoff | None,
+        topic: TopicSink | None = None,
     ) -> None:
-        """One request: check it, then publish each read's events until the stream ends."""
+        """One request: check it, then publish each read's events until the stream ends.
+
+        `topic` is the sink when this is a topic's own stream (not a catch-up): it is told the
+        head's meaning and, on a direct route, the upstream's `retry:`.
+        """
         connected = False
         try:
-            async with self._session.get(
-                target.upstream_url,
-                headers=headers,
-                timeout=client_timeout,
-                allow_redirects=False,
-                # Cached per route's files; a file OpenSSL rejects fails this attempt (ValueError).
-                ssl=client_context(target.route),
-            ) as resp:
-                if not 200 <= resp.status < 300 or resp.status == 204:
-                    raise _Failed("status", f"HTTP status {resp.status}")
-                if resp.content_type != "text/event-stream":
-                    raise _Failed("content_type", f"content type {resp.content_type!r}")
+            async with asyncio.timeout(target.route.upstream_connect_timeout_seconds):
+                resp = await self._session.get(
+                    target.upstream_url,
+                    headers=headers,
+                    timeout=client_timeout,
+                    allow_redirects=False,
+                    # Cached per route's files; a file OpenSSL rejects fails this attempt
+                    # (ValueError).
+                    ssl=client_context(target.route),
+                )
+            async with resp:
+                answer = of_response(resp.status, resp.content_type)
+                if answer.kind != "stream":
+                    bad_type = 200 <= resp.status < 300 and resp.status != 204
+                    raise _Failed(
+                        "content_type" if bad_type else "status",
+                        f"content type {resp.content_type!r}"
+                        if bad_type
+                        else f"HTTP status {resp.status}",
+                        answer,
+                    )
                 connected = True
+                if topic is not None:
+                    topic.answered(answer)
                 sink.set_state("connected")
                 if backoff is not None:  # the topic's own stream, not a catch-up
                     metrics.upstream_connects.inc()
@@ -190,8 +232,15 @@ class UpstreamClient:
                         target.route.name,
                     )
                 oversize = parser.oversize_events  # cumulative over the topic's life
+                # Direct mode: the client is the upstream's own, so its `retry:` is the client's.
+                forward_retry = topic if target.route.mode == "direct" else None
+                retry_ms = parser.retry_ms
                 async for chunk in resp.content.iter_any():
                     events = parser.feed(chunk)
+                    if forward_retry is not None and parser.retry_ms != retry_ms:
+                        retry_ms = parser.retry_ms
+                        if retry_ms is not None:
+                            forward_retry.retry(retry_ms)
                     if parser.oversize_events != oversize:
                         sink.dropped("oversize", parser.oversize_events - oversize)
                         oversize = parser.oversize_events
@@ -208,12 +257,14 @@ class UpstreamClient:
         except TimeoutError:
             if connected:
                 raise _Failed("timeout", "no bytes within the idle timeout") from None
-            raise _Failed("connect", "connect timed out") from None
+            raise _Failed("connect", "no response head in time", unreachable(True)) from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             # ValueError: aiohttp refusing a request it cannot send (a bad header value);
             # it must stay a failure of this attempt, never reach the hub.
-            reason = "read" if connected else "connect"
-            raise _Failed(reason, f"{type(exc).__name__}: {exc}") from None
+            detail = f"{type(exc).__name__}: {exc}"
+            if connected:
+                raise _Failed("read", detail) from None
+            raise _Failed("connect", detail, unreachable(False)) from None
 
 
 def _retry_floor(retry_ms: int | None, max_seconds: float) -> tuple[float, bool]:
