@@ -86,6 +86,8 @@ class Upstream:
         self.content_type = "text/event-stream"
         # False: a backend that ignores Last-Event-ID (most tutorial ones do).
         self.resumes = True
+        # Headers on a refusal (status other than 200), e.g. Retry-After.
+        self.refusal_headers: dict[str, str] = {}
         self.runner: web.AppRunner | None = None
         self.port = 0
         self._streams: set[asyncio.Future[None]] = set()
@@ -124,7 +126,12 @@ class Upstream:
         self.connections.append(request)
         self.changes.notify()
         if self.status != 200 or self.content_type != "text/event-stream":
-            return web.Response(status=self.status, text="nope", content_type=self.content_type)
+            return web.Response(
+                status=self.status,
+                text="nope",
+                content_type=self.content_type,
+                headers=self.refusal_headers,
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(b": hello\n\n")

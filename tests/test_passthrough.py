@@ -63,6 +63,8 @@ async def topics_closed(gw: Gateway, timeout: float = 5) -> None:
         (404, "text/plain", 404),
         (302, "text/plain", 502),  # a redirect: never followed, so not a stream
         (200, "text/html", 502),  # a wrong type: EventSource would fail it
+        (201, "text/event-stream", 201),  # not 200: EventSource fails it, whatever the type
+        (206, "text/event-stream", 206),
     ],
 )
 async def test_a_final_answer_reaches_the_client_and_is_not_retried(
@@ -392,3 +394,23 @@ async def test_a_join_after_the_topic_ended_hands_over_what_it_published_then_en
     assert b"".join(sub.received) == encode_many(events("a", 1, 2))
     assert sub.outcome == "normal"
     assert not topic.subscribers
+
+
+@pytest.mark.parametrize(("mode", "status"), [("direct", 429), ("shared", 429), ("direct", 503)])
+async def test_the_upstreams_retry_after_comes_with_its_429_or_503(
+    upstream: Upstream,
+    make_gateway: GatewayFactory,
+    session: aiohttp.ClientSession,
+    mode: str,
+    status: int,
+) -> None:
+    upstream.status, upstream.content_type = status, "text/plain"
+    upstream.refusal_headers = {"Retry-After": "7"}
+    gw = await start(make_gateway, upstream, mode)
+    resp, _ = await answer(session, gw.url("/events/t"))
+    assert resp.status == status
+    assert resp.headers.get("Retry-After") == "7"
+    upstream.refusal_headers = {"Retry-After": "soon\u00e9"}  # not a Retry-After: dropped
+    resp, _ = await answer(session, gw.url("/events/t2"))
+    assert resp.status == status
+    assert "Retry-After" not in resp.headers

@@ -8,10 +8,11 @@ The gateway must leave a client in the state it would reach talking to the upstr
 directly, except for what it exists to absorb (a shared topic's reconnects). So each
 attempt's outcome is one of four kinds:
 
-- `stream`: a 2xx (not 204) `text/event-stream` answer; the client gets 200 and the stream.
+- `stream`: a 200 `text/event-stream` answer; the client gets 200 and the stream.
 - `final`: the upstream's own "stop" (204, any 4xx, a redirect the gateway does not follow,
-  a 2xx of another type). Passed to the client as a status in both modes; a shared topic
-  that gets one ends instead of retrying.
+  a 2xx of another type, or another 2xx than 200, which EventSource fails too). Passed to
+  the client as a status in both modes (with the upstream's Retry-After on a 429); a shared
+  topic that gets one ends instead of retrying.
 - `error`: a 5xx. A direct client gets 502/503/504 (a browser stops, as it would directly);
   a shared topic hides it, keeps its subscribers and retries.
 - `unreachable`: no response head (refused, reset, timed out). A direct client's stream
@@ -21,6 +22,7 @@ attempt's outcome is one of four kinds:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +34,8 @@ BAD_ANSWER_STATUS = 502
 # An upstream that did not answer in time: the gateway's usual 504.
 TIMEOUT_STATUS = 504
 SSE_TYPE = "text/event-stream"
+# A Retry-After worth passing on (RFC 9110): delay-seconds, or an HTTP-date (printable ASCII).
+_RETRY_AFTER = re.compile(r"\d{1,9}|[A-Za-z]{3}, [0-9A-Za-z :]{1,40} GMT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,8 @@ class Answer:
     status: int
     # Short and safe to show a client: never the upstream's URL or body.
     reason: str = ""
+    # The upstream's Retry-After on a 429 or 503, passed on with it.
+    retry_after: str | None = None
 
     @property
     def final(self) -> bool:
@@ -51,22 +57,31 @@ class Answer:
 STREAM = Answer("stream", 200)
 
 
-def of_response(status: int, content_type: str) -> Answer:
-    """The meaning of an upstream's response head."""
+def of_response(status: int, content_type: str, retry_after: str | None = None) -> Answer:
+    """The meaning of an upstream's response head (`retry_after`: its Retry-After header)."""
+    if retry_after is not None and (
+        status not in (429, 503) or not _RETRY_AFTER.fullmatch(retry_after)
+    ):
+        retry_after = None
     if status == 204:
         return Answer("final", 204, "the upstream has nothing to stream (204)")
     if 200 <= status < 300:
-        if content_type.lower() == SSE_TYPE:
-            return STREAM
-        return Answer("final", BAD_ANSWER_STATUS, "the upstream did not answer with an SSE stream")
+        if content_type.lower() != SSE_TYPE:
+            return Answer(
+                "final", BAD_ANSWER_STATUS, "the upstream did not answer with an SSE stream"
+            )
+        if status != 200:
+            # EventSource fails the connection on any status but 200, even with the SSE type.
+            return Answer("final", status, f"the upstream answered {status}, not 200")
+        return STREAM
     if 300 <= status < 400:
         return Answer("final", BAD_ANSWER_STATUS, f"the upstream redirected ({status})")
     if 400 <= status < 500:
-        return Answer("final", status, f"the upstream refused ({status})")
+        return Answer("final", status, f"the upstream refused ({status})", retry_after)
     # 5xx (and anything else no upstream should send): a failure to pass on, not the upstream's
     # decision about this stream. 503 and 504 keep their meaning; the rest is a bad gateway.
     passed = status if status in (503, 504) else 502
-    return Answer("error", passed, f"the upstream failed ({status})")
+    return Answer("error", passed, f"the upstream failed ({status})", retry_after)
 
 
 def unreachable(timed_out: bool) -> Answer:

@@ -476,7 +476,10 @@ def _refusal(
         return None
     # The CORS headers too: without them a cross-origin EventSource sees a network error and
     # reconnects, where the status alone makes it stop.
-    return UpstreamRefused(answer.status, answer.reason, headers=dict(headers))
+    passed = dict(headers)
+    if answer.retry_after is not None:
+        passed["Retry-After"] = answer.retry_after
+    return UpstreamRefused(answer.status, answer.reason, headers=passed)
 
 
 def _client_gone() -> asyncio.CancelledError:

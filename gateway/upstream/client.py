@@ -210,9 +210,12 @@ class UpstreamClient:
                     ssl=client_context(target.route),
                 )
             async with resp:
-                answer = of_response(resp.status, resp.content_type)
+                answer = of_response(
+                    resp.status, resp.content_type, resp.headers.get("Retry-After")
+                )
                 if answer.kind != "stream":
                     bad_type = 200 <= resp.status < 300 and resp.status != 204
+                    bad_type = bad_type and resp.content_type.lower() != "text/event-stream"
                     raise _Failed(
                         "content_type" if bad_type else "status",
                         f"content type {resp.content_type!r}"
