@@ -53,6 +53,10 @@ class Settings:
 
     config: GatewayConfig
     routes: RouteTable
+    # The longest Last-Event-ID the door takes: the largest `max_last_event_id_bytes` this
+    # process has had, so a reload that lowers it cannot refuse an id sent before (what the
+    # gateway sends, it accepts back); new ids follow the new limit at once.
+    id_bytes: int = 0
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -176,7 +180,9 @@ def make_app(
     app = web.Application(middlewares=[error_middleware])
     app[METRICS] = metrics
     app[LIFECYCLE] = Lifecycle()
-    app[SETTINGS] = Settings(config, RouteTable(config.routes))
+    app[SETTINGS] = Settings(
+        config, RouteTable(config.routes), config.limits.max_last_event_id_bytes
+    )
     app[ADMISSION] = policy.Admission(config.limits, clock)
     app[ACCESS] = AccessLog(config.server.access_log)
     app[WHEEL] = HeartbeatWheel(
@@ -266,7 +272,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     # end this stream after its preamble, not let it join a topic of a route that is gone.
     routes = settings.routes
     head = head_of(request)
-    entry = door(head, routes, config)
+    entry = door(head, routes, config, settings.id_bytes)
     if entry.preflight:
         return web.Response(status=204, headers=entry.cors)
     target = entry.target
@@ -420,6 +426,7 @@ def reload(app: web.Application, new: GatewayConfig) -> None:
     )
     settings.config = new
     settings.routes = RouteTable(new.routes)
+    settings.id_bytes = max(settings.id_bytes, new.limits.max_last_event_id_bytes)
     app[ADMISSION].update(new.limits)
     app[HUB].limits = new.limits
     app[WHEEL].retune(HeartbeatWheel.tick_for([r.heartbeat_seconds for r in new.routes]))

@@ -114,8 +114,11 @@ class Entry:
     preflight: bool = False
 
 
-def door(head: RequestHead, routes: RouteTable, config: GatewayConfig) -> Entry:
-    """Decide on a stream request from its head alone, or raise a GatewayError (4xx)."""
+def door(head: RequestHead, routes: RouteTable, config: GatewayConfig, id_bytes: int = 0) -> Entry:
+    """Decide on a stream request from its head alone, or raise a GatewayError (4xx).
+
+    `id_bytes`: the longest Last-Event-ID taken, when not the configured limit (after a
+    reload lowered it: ids sent before stay valid)."""
     if head.method not in STREAM_METHODS:
         raise MethodNotAllowed("only GET streams", headers={"Allow": ", ".join(STREAM_METHODS)})
     target = routes.resolve(head.raw_path, head.query)
@@ -127,6 +130,6 @@ def door(head: RequestHead, routes: RouteTable, config: GatewayConfig) -> Entry:
     last_event_id = policy.client_last_event_id(
         head.header("Last-Event-ID"),
         head.query_value("lastEventId"),
-        config.limits.max_last_event_id_bytes,
+        max(id_bytes, config.limits.max_last_event_id_bytes),
     )
     return Entry(target, cors, last_event_id, client)
