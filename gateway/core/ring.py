@@ -270,12 +270,6 @@ class Ring:
         seq = self.position(event_id)
         return None if seq is None else self.since(seq)
 
-    def after_first(self, event_id: str, now: float) -> list[bytes] | None:
-        """Wire bytes after the first `event_id`: where a catch-up's copy joins the ring."""
-        self._trim(now)
-        seq = self.position(event_id, first=True)
-        return None if seq is None else self.since(seq)
-
     def bridge(
         self, from_id: str, items: Sequence[tuple[str | None, bytes]], meet: int, now: float
     ) -> bool:
